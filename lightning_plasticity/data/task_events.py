@@ -1,0 +1,125 @@
+"""Task events: ``on_task_start`` / ``on_task_end`` for the module and every callback.
+
+Lightning has no notion of a task. :class:`ContinualDataModule` makes one Lightning epoch (or
+``epochs_per_task`` epochs) one task, and this callback, which the data module adds to the trainer,
+turns epoch boundaries into task events and logs the per-task metrics.
+
+Order at a switch from task ``t`` to ``t + 1`` (on every rank)::
+
+    last training batch of t -> validation of t -> LightningModule.on_train_epoch_end
+    -> on_task_end(t): data module bookkeeping, LightningModule, callbacks in list order
+    -> on_train_epoch_start -> on_task_start(t + 1): data module, LightningModule, callbacks
+    -> first training batch of t + 1
+
+Any object may take part by defining ``on_task_start(trainer, pl_module, task_id)`` and/or
+``on_task_end(trainer, pl_module, task_id)``; it does not have to subclass anything.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy
+from typing_extensions import override
+
+if TYPE_CHECKING:
+    from lightning_plasticity.data.datamodule import ContinualDataModule
+
+
+def _datamodule(trainer: pl.Trainer) -> ContinualDataModule | None:
+    from lightning_plasticity.data.datamodule import ContinualDataModule
+
+    dm = trainer.datamodule
+    return dm if isinstance(dm, ContinualDataModule) else None
+
+
+def dispatch_task_event(trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
+                        task_id: int) -> None:
+    """Call ``event`` on the LightningModule and then on every callback that defines it."""
+    for target in [pl_module, *trainer.callbacks]:
+        hook = getattr(target, event, None)
+        if callable(hook):
+            hook(trainer, pl_module, task_id)
+
+
+def _loss_and_logits(outputs: Any) -> tuple[Tensor | None, Tensor | None]:
+    if isinstance(outputs, Tensor):
+        return outputs.detach(), None
+    if isinstance(outputs, dict):
+        loss = outputs.get("loss")
+        logits = outputs.get("logits")
+        return (loss.detach() if isinstance(loss, Tensor) else None,
+                logits if isinstance(logits, Tensor) else None)
+    return None, None
+
+
+class TaskEventDispatcher(Callback):
+    """Fires task events at task boundaries and logs ``task/*`` metrics.
+
+    Added automatically by :class:`ContinualDataModule` during ``fit``; it has no state of its
+    own (the data module's ``state_dict`` holds the task progress).
+
+    Example::
+
+        class ResetHead(Callback):
+            def on_task_start(self, trainer, pl_module, task_id):
+                pl_module.network.head.reset_parameters()
+
+        Trainer(callbacks=[ResetHead()]).fit(model, datamodule=ContinualDataModule())
+    """
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = _datamodule(trainer)
+        if dm is None or trainer.current_epoch % dm.epochs_per_task != 0:
+            return
+        task_id = dm.task_of_epoch(trainer.current_epoch)
+        dm._start_task(task_id)
+        dispatch_task_event(trainer, pl_module, "on_task_start", task_id)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        dm = _datamodule(trainer)
+        if dm is None:
+            return
+        loss, logits = _loss_and_logits(outputs)
+        pl_module.log("task/id", float(dm.task_id), on_step=True, on_epoch=False)
+        if loss is None:
+            return
+        accuracy = None
+        target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+        if logits is not None and isinstance(target, Tensor) and not dm.is_regression:
+            accuracy = multiclass_accuracy(logits.detach(), target, num_classes=logits.shape[-1],
+                                           average="micro")
+            pl_module.log("task/train_accuracy", accuracy, on_step=True, on_epoch=False)
+        pl_module.log("task/train_loss", loss, on_step=True, on_epoch=False)
+        dm._record_batch(trainer.current_epoch, batch_idx, loss, accuracy)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = _datamodule(trainer)
+        if dm is None or (trainer.current_epoch + 1) % dm.epochs_per_task != 0:
+            return
+        task_id = dm.task_id
+        # Every rank reaches this point at the same epoch, so the collective is safe.
+        metrics = {k: trainer.strategy.reduce(v, reduce_op="mean")
+                   for k, v in dm._end_task_metrics().items()}
+        record: dict[str, float] = {"task": float(task_id),
+                                    "global_step": float(trainer.global_step)}
+        for name, value in metrics.items():
+            pl_module.log(f"task/{name}", value, on_step=False, on_epoch=True)
+            record[name] = float(value)
+        dm.task_history.append(record)
+        dispatch_task_event(trainer, pl_module, "on_task_end", task_id)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+__all__ = ["TaskEventDispatcher", "dispatch_task_event"]

@@ -1,0 +1,194 @@
+"""Plain LightningModules for continual streams: ``ContinualClassifier``, ``ContinualRegressor``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_plasticity.models.mlp import MLP
+
+#: Builds a network from ``(input_shape, num_outputs)``; in YAML, a class path plus init args.
+NetworkFactory = Callable[[tuple[int, ...], int], nn.Module]
+OptimizerName = Literal["adam", "adamw", "sgd", "rmsprop"]
+
+
+class _ContinualModule(pl.LightningModule):
+    """Shared by the classifier and the regressor: network construction, optimizer, steps."""
+
+    def __init__(
+        self,
+        network: NetworkFactory | None = None,
+        input_shape: Sequence[int] | None = None,
+        num_outputs: int | None = None,
+        optimizer: OptimizerName = "adam",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("adam", "adamw", "sgd", "rmsprop"):
+            raise ValueError(
+                f"Unknown optimizer {optimizer!r}. Choose adam, adamw, sgd or rmsprop.")
+        if lr <= 0 or eps <= 0 or weight_decay < 0 or momentum < 0:
+            raise ValueError(
+                f"Need lr > 0, eps > 0, weight_decay >= 0 and momentum >= 0; got lr={lr}, "
+                f"eps={eps}, weight_decay={weight_decay}, momentum={momentum}.")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"Adam betas must be in [0, 1), got {tuple(betas)}.")
+        self.save_hyperparameters()
+        self._network_factory: NetworkFactory = network if network is not None else MLP
+        self.network: nn.Module | None = None
+        if input_shape is not None and num_outputs is not None:
+            self.network = self._network_factory(tuple(input_shape), int(num_outputs))
+
+    @override
+    def configure_model(self) -> None:
+        if self.network is not None:
+            return
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "input_shape") or not hasattr(dm, "num_outputs"):
+            raise ValueError(
+                f"{type(self).__name__} needs input_shape and num_outputs, either as arguments or "
+                "from a ContinualDataModule passed to Trainer.fit(datamodule=...)."
+            )
+        input_shape, num_outputs = tuple(dm.input_shape), int(dm.num_outputs)
+        # Recorded so that checkpoints rebuild the same network with load_from_checkpoint.
+        self.hparams["input_shape"], self.hparams["num_outputs"] = input_shape, num_outputs
+        self.network = self._network_factory(input_shape, num_outputs)
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        if self.network is None:
+            raise RuntimeError("The network is not built yet: pass input_shape and num_outputs "
+                               "or call configure_model() inside a Trainer.")
+        return self.network(x)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def plasticity_loss(self, batch: Any) -> Tensor:
+        """The training loss on ``batch``; used by the measurement callbacks."""
+        x, y = batch[0], batch[1]
+        return self.loss(self(x), y)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch[0], batch[1]
+        outputs = self(x)
+        return {"loss": self.loss(outputs, y), "logits": outputs.detach()}
+
+    def _val_metrics(self, outputs: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return {"val_loss": self.loss(outputs, y)}
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch[0], batch[1]
+        suffix = "" if dataloader_idx == 0 else f"_prev{dataloader_idx}"
+        for name, value in self._val_metrics(self(x), y).items():
+            # Every rank evaluates its own shard, so syncing the mean is safe.
+            self.log(f"task/{name}{suffix}", value, on_step=False, on_epoch=True,
+                     sync_dist=True, add_dataloader_idx=False, batch_size=x.shape[0])
+
+    @override
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp.optimizer == "adam":
+            return torch.optim.Adam(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                                    weight_decay=hp.weight_decay)
+        if hp.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                                     weight_decay=hp.weight_decay)
+        if hp.optimizer == "rmsprop":
+            return torch.optim.RMSprop(params, lr=hp.lr, eps=hp.eps, alpha=hp.betas[1],
+                                       weight_decay=hp.weight_decay, momentum=hp.momentum)
+        return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum,
+                               weight_decay=hp.weight_decay)
+
+
+class ContinualClassifier(_ContinualModule):
+    """A classifier for any classification task stream (cross-entropy loss).
+
+    ``training_step`` returns ``{"loss", "logits"}`` so the data module can log task accuracy.
+    Validation logs ``task/val_loss`` and ``task/val_accuracy`` (``..._prev{j}`` for the task
+    ``j`` tasks back).
+
+    Args:
+        network: builds the network from ``(input_shape, num_outputs)``; default
+            :class:`~lightning_plasticity.models.MLP`. In YAML: ``class_path: MLP`` with
+            ``init_args`` for the rest.
+        input_shape: input shape without batch dimension; taken from the data module if omitted.
+        num_outputs: number of classes; taken from the data module if omitted.
+        optimizer: ``adam``, ``adamw``, ``sgd`` or ``rmsprop``.
+        lr: learning rate.
+        betas: Adam's ``(beta1, beta2)`` (``alpha = beta2`` for RMSprop). Lyle et al. 2023
+            ("Understanding plasticity in neural networks") found Adam's second-moment estimate
+            lags behind non-stationary targets; their fix is a larger ``eps`` and/or
+            ``beta2 = beta1``.
+        eps: Adam's epsilon.
+        weight_decay: the optimizer's weight decay (coupled for Adam/SGD, decoupled for AdamW).
+        momentum: SGD/RMSprop momentum.
+        label_smoothing: cross-entropy label smoothing.
+
+    Example::
+
+        model = ContinualClassifier(network=partial(MLP, width=128), lr=1e-3)
+        Trainer().fit(model, datamodule=ContinualDataModule("digits", "permuted_labels"))
+    """
+
+    def __init__(
+        self,
+        network: NetworkFactory | None = None,
+        input_shape: Sequence[int] | None = None,
+        num_outputs: int | None = None,
+        optimizer: OptimizerName = "adam",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(network, input_shape, num_outputs, optimizer, lr, betas, eps,
+                         weight_decay, momentum)
+        self.label_smoothing = label_smoothing
+
+    @override
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(outputs, targets, label_smoothing=self.label_smoothing)
+
+    @override
+    def _val_metrics(self, outputs: Tensor, y: Tensor) -> dict[str, Tensor]:
+        return {"val_loss": self.loss(outputs, y),
+                "val_accuracy": (outputs.argmax(dim=-1) == y).float().mean()}
+
+
+class ContinualRegressor(_ContinualModule):
+    """A regressor for ``random_targets``, ``slowly_changing_regression`` and other regression
+    streams (mean squared error over all outputs).
+
+    Args: as :class:`ContinualClassifier` (without ``label_smoothing``); ``num_outputs`` is the
+    number of regression targets.
+
+    Example::
+
+        dm = ContinualDataModule("regression_teacher", "slowly_changing_regression")
+        Trainer().fit(ContinualRegressor(optimizer="sgd", lr=0.01), datamodule=dm)
+    """
+
+    @override
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        x, y = batch[0], batch[1]
+        return {"loss": self.loss(self(x), y)}
