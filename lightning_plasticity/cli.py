@@ -29,8 +29,8 @@ class PlasticityCLI(LightningCLI):
         })
 
 
-def main(args: list[str] | None = None) -> PlasticityCLI:
-    """Entry point of the ``lightning-plasticity`` console script."""
+def run_cli(args: list[str] | None = None) -> PlasticityCLI:
+    """Run the CLI with ``args`` (default: ``sys.argv``) and return it (for tests and scripts)."""
     # wandb never needs an account or network unless the user asks for online mode.
     os.environ.setdefault("WANDB_MODE", "offline")
     return PlasticityCLI(
@@ -41,6 +41,11 @@ def main(args: list[str] | None = None) -> PlasticityCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+
+
+def main() -> None:
+    """Entry point of the ``lightning-plasticity`` console script."""
+    run_cli()
 
 
 if __name__ == "__main__":

@@ -32,6 +32,21 @@ from lightning_plasticity.data.tasks import TASK_KINDS, Split, TaskKind, TaskOpt
 DEFAULT_STEPS_PER_TASK = 500
 
 
+class _ResumableLoader(DataLoader):
+    """Marks the stream's loaders as resumable for Lightning.
+
+    The position in the stream is part of :meth:`ContinualDataModule.state_dict` (saved in every
+    checkpoint), and the sampler starts from it, so there is nothing to store here; the methods
+    only tell Lightning that a mid-epoch resume is exact.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
 class ContinualDataModule(pl.LightningDataModule):
     """A base dataset turned into a deterministic sequence of tasks.
 
@@ -248,6 +263,18 @@ class ContinualDataModule(pl.LightningDataModule):
     def task_of_epoch(self, epoch: int) -> int:
         return epoch // self.epochs_per_task
 
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Training batches epoch ``epoch`` really has (its task may have fewer than the max)."""
+        if self.steps_per_task is not None:
+            return self.train_batches_per_epoch
+        n = self.task_examples(self.task_of_epoch(epoch), "train").shape[0]
+        return math.ceil(n / self.global_batch_size)
+
+    def task_completed_in_epoch(self, epoch: int) -> bool:
+        """Whether ``epoch`` ended its task with all its batches (not cut short by max_steps)."""
+        return ((epoch + 1) % self.epochs_per_task == 0 and self._epoch == epoch
+                and self._epoch_batches == self.batches_in_epoch(epoch))
+
     def _train_epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[int, Tensor]]:
         """Global batches of one epoch from batch ``start`` on, as ``(task_id, indices)``."""
         task_id = self.task_of_epoch(epoch)
@@ -332,7 +359,7 @@ class ContinualDataModule(pl.LightningDataModule):
             trainer.fit_loop.max_epochs = self.num_tasks * self.epochs_per_task
 
     def _loader(self, sampler: TrainStreamSampler | EvalStreamSampler) -> DataLoader:
-        return DataLoader(sampler.dataset, batch_size=None, sampler=sampler,
+        return _ResumableLoader(sampler.dataset, batch_size=None, sampler=sampler,
                           num_workers=self.num_workers,
                           persistent_workers=self.persistent_workers,
                           pin_memory=self.pin_memory)

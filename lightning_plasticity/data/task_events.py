@@ -103,7 +103,8 @@ class TaskEventDispatcher(Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = _datamodule(trainer)
-        if dm is None or (trainer.current_epoch + 1) % dm.epochs_per_task != 0:
+        # A task cut short (max_steps, early stopping) does not end: its resume will end it.
+        if dm is None or not dm.task_completed_in_epoch(trainer.current_epoch):
             return
         task_id = dm.task_id
         # Every rank reaches this point at the same epoch, so the collective is safe.

@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_plasticity.models.base import ContinualNetwork
 from lightning_plasticity.models.mlp import MLP
 
 #: Builds a network from ``(input_shape, num_outputs)``; in YAML, a class path plus init args.
-NetworkFactory = Callable[[tuple[int, ...], int], nn.Module]
+#: The package's networks come first so their short names (``MLP``) are not ambiguous with other
+#: libraries' classes of the same name (``torchvision.ops.MLP``); any nn.Module class works too.
+NetworkFactory = (
+    Callable[[tuple[int, ...], int], ContinualNetwork] | Callable[[tuple[int, ...], int], nn.Module]
+)
 OptimizerName = Literal["adam", "adamw", "sgd", "rmsprop"]
 
 
