@@ -54,11 +54,12 @@ class BaseData:
 
     def normalize(self, x: Tensor) -> Tensor:
         """Raw stored inputs to normalised ``float32`` (works on any device)."""
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        # One fused affine map: (x / 255 - mean) / std == x * scale + shift.
+        raw_scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = self.mean.to(x.device).view(shape)
-        std = self.std.to(x.device).view(shape)
-        return (x - mean) / std
+        scale = (raw_scale / self.std).to(x.device).view(shape)
+        shift = (-self.mean / self.std).to(x.device).view(shape)
+        return torch.addcmul(shift, x.float(), scale)
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,8 @@ def _torchvision_split(name: str, opts: DatasetOptions, train: bool) -> tuple[Te
         ds = cls(root=opts.data_dir, train=train, download=opts.download)
     except RuntimeError as err:
         raise FileNotFoundError(
-            f"Dataset {name!r} was not found under data_dir={opts.data_dir!r} (torchvision: {err}). "
+            f"Dataset {name!r} was not found under data_dir={opts.data_dir!r} "
+            f"(torchvision: {err}). "
             f"Set download=True to fetch it, or point data_dir at a folder that holds "
             f"{cls_name}/ in torchvision's layout."
         ) from err
@@ -211,8 +213,8 @@ def load_image_folder_data(opts: DatasetOptions) -> BaseData:
 def load_gaussian_mixture_data(opts: DatasetOptions) -> BaseData:
     """Synthetic classification: ``num_classes`` isotropic unit Gaussians in ``input_dim`` dims.
 
-    Class means are drawn from ``N(0, 4 I / input_dim * input_dim)`` scaled so neighbouring
-    classes overlap a little; everything derives from ``seed``.
+    Class means are drawn from ``N(0, 4 I)`` and examples are ``mean_y + N(0, I)``, so classes
+    overlap a little; everything derives from ``seed``.
     """
     gen = generator(opts.seed, "gaussian_mixture")
     means = torch.randn(opts.num_classes, opts.input_dim, generator=gen) * 2.0

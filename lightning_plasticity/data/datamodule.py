@@ -71,7 +71,8 @@ class ContinualDataModule(pl.LightningDataModule):
     ``on_task_start`` runs at the first training epoch. The end of task ``t`` comes after its
     validation and after the module's ``on_train_epoch_end``.
 
-    **Metrics.** ``task/id`` and ``task/train_loss`` are logged every step, plus
+    **Metrics.** ``task/id`` and ``task/train_loss`` are logged at the trainer's logging steps
+    (``log_every_n_steps``), plus
     ``task/train_accuracy`` when ``training_step`` returns a dict with ``"logits"``;
     ``task/end_loss`` and ``task/end_accuracy`` at each task's end, averaged over its last
     ``end_window`` batches (the seeds' task-end batch error) and over ranks. The per-task history
@@ -291,20 +292,19 @@ class ContinualDataModule(pl.LightningDataModule):
                 yield task_id, order[b * gb:(b + 1) * gb]
             return
         # Fixed number of steps: an endless stream of passes, each in a fresh order.
-        position = start * gb
-        pass_id, offset = divmod(position, n)
-        buffer: list[Tensor] = []
-        buffered = 0
+        pass_id, offset = divmod(start * gb, n)
+        order = idx[torch.randperm(n, generator=generator(self.seed, "order", task_id, pass_id))]
         for _ in range(start, self.train_batches_per_epoch):
-            while buffered < gb:
-                order = idx[torch.randperm(n, generator=generator(
-                    self.seed, "order", task_id, pass_id))][offset:]
-                buffer.append(order)
-                buffered += order.shape[0]
-                pass_id, offset = pass_id + 1, 0
-            flat = torch.cat(buffer)
-            yield task_id, flat[:gb]
-            buffer, buffered = [flat[gb:]], flat.shape[0] - gb
+            pieces, needed = [], gb
+            while needed > 0:
+                if offset == n:
+                    pass_id, offset = pass_id + 1, 0
+                    order = idx[torch.randperm(n, generator=generator(
+                        self.seed, "order", task_id, pass_id))]
+                take = min(needed, n - offset)
+                pieces.append(order[offset:offset + take])
+                offset, needed = offset + take, needed - take
+            yield task_id, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def _eval_batches(self, task_id: int) -> Iterator[Tensor]:
         idx, gb = self.task_examples(task_id, "val"), self.global_batch_size

@@ -21,7 +21,7 @@ def run(kind: str = "permuted_labels", callbacks=(), **dm_kwargs):  # noqa: ANN0
     dm = RecordingDataModule(DATASET_FOR.get(kind, "digits"), kind, batch_size=16, **dm_kwargs)
     pl.seed_everything(0)
     model = ContinualRegressor() if dm.is_regression else ContinualClassifier()
-    trainer = fast_trainer(callbacks=list(callbacks), limit_val_batches=2)
+    trainer = fast_trainer(callbacks=list(callbacks), limit_val_batches=2, log_every_n_steps=1)
     trainer.fit(model, datamodule=dm)
     return dm, trainer, model
 

@@ -6,7 +6,6 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_plasticity.models import ContinualClassifier
@@ -22,7 +21,7 @@ def test_ranks_share_tasks_and_split_each_global_batch(tmp_path: Path) -> None:
                              batch_size=8, record_dir=str(tmp_path / "ddp"))
     strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo",
                            timeout=timedelta(seconds=60))
-    trainer = fast_trainer(devices=2, strategy=strategy, limit_val_batches=1,
+    trainer = fast_trainer(devices=2, strategy=strategy, limit_val_batches=1, log_every_n_steps=1,
                            callbacks=[EventRecorder()], deterministic=False)
     trainer.fit(ContinualClassifier(), datamodule=dm)
     assert trainer.callback_metrics["task/id"].item() == 2

@@ -27,8 +27,8 @@ def make(tmp: Path, name: str, **trainer_kwargs):  # noqa: ANN003, ANN201
 
 
 def logged_task_ids(trainer: pl.Trainer) -> dict[int, float]:
-    rows = csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))
-    return {int(r["step"]): float(r["task/id"]) for r in rows if r.get("task/id")}
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        return {int(r["step"]): float(r["task/id"]) for r in csv.DictReader(f) if r.get("task/id")}
 
 
 def test_resume_mid_task_equals_uninterrupted_run(tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ def test_permuted_inputs_on_flat_vectors() -> None:
     dm = ContinualDataModule("gaussian_mixture", "permuted_inputs", synthetic_input_dim=12)
     idx = dm.task_examples(0)[:8]
     x, _ = dm.apply_task(dm.base.train_x[idx], dm.base.train_y[idx], idx, 1)
-    torch.testing.assert_close(x, dm.base.normalize(dm.base.train_x[idx])[:, dm.kind.permutation(1)])
+    expected = dm.base.normalize(dm.base.train_x[idx])[:, dm.kind.permutation(1)]
+    torch.testing.assert_close(x, expected)
 
 
 def test_random_labels_are_fresh_per_task_and_fixed_per_example() -> None:

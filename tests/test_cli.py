@@ -1,0 +1,52 @@
+"""The ``lightning-plasticity`` CLI: --help, --print_config and the quickstart recipe."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_plasticity.cli import run_cli
+from tests.conftest import REPO
+
+
+def test_help_lists_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--help"])
+    assert exit_info.value.code == 0
+    assert "fit" in capsys.readouterr().out
+
+
+def test_print_config_resolves_short_class_names(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli(["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    assert "class_path: lightning_plasticity.models.ContinualClassifier" in out
+    assert "class_path: lightning_plasticity.models.MLP" in out
+    assert "class_path: lightning_plasticity.data.ContinualDataModule" in out
+    assert "class_path: lightning_plasticity.callbacks.TaskMetricsPlot" in out
+
+
+def test_quickstart_recipe_runs_and_writes_its_plot(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("lightning-plasticity")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [str(script), "fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
+           "--data.init_args.num_tasks", "3", "--data.init_args.steps_per_task", "15",
+           ]
+    # The recipe's paths are relative ("runs/..."), so running in tmp_path keeps the repo clean.
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "quickstart" / "version_0"
+    png = run_dir / "task_end_accuracy.png"
+    assert png.stat().st_size > 5000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    ends = [r["task/end_accuracy"] for r in rows if r.get("task/end_accuracy")]
+    assert len(ends) == 3
+    assert (run_dir / "config.yaml").exists()
+    assert list((tmp_path / "runs" / "wandb").glob("offline-run-*")), "wandb offline run missing"
