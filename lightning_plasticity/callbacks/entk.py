@@ -1,0 +1,77 @@
+"""``ENTKCallback``: rank, conditioning and interference of the empirical NTK."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.measures.entk import entk
+
+
+class ENTKCallback(MeasurementCallback):
+    """Tracks the empirical neural tangent kernel of the module on a probe batch.
+
+    ``K[i, j] = sum_c J_c(x_i) . J_c(x_j)`` (the output-summed eNTK; see
+    :func:`lightning_plasticity.measures.entk.entk`). A collapsing rank or exploding condition
+    number means gradient steps on some inputs can no longer move the outputs independently;
+    ``interference`` (mean off-diagonal over mean diagonal) is how much an update on one input
+    moves the others (Lyle et al. 2023; Lewandowski et al. 2024).
+
+    Logged under ``curvature/``: ``entk_rank``, ``entk_condition_number``, ``entk_interference``,
+    ``entk_top_eigenvalue``, ``entk_trace``.
+
+    Under DDP every rank computes the kernel of the whole probe batch (it is small, and the
+    n x n kernel cannot be split into per-rank sums), so all ranks agree without a collective.
+
+    Args:
+        method: ``"auto"``, ``"per_layer"`` (fast formula for Linear/Conv2d models) or
+            ``"jacobian"`` (torch.func, any module).
+        probe_size: examples in the probe batch (the kernel is ``probe_size`` squared).
+        on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
+            :class:`MeasurementCallback`.
+
+    Example::
+
+        Trainer(callbacks=[ENTKCallback(probe_size=64)]).fit(model, datamodule=dm)
+    """
+
+    shard_probe = False
+
+    def __init__(
+        self,
+        method: Literal["auto", "per_layer", "jacobian"] = "auto",
+        probe_size: int = 64,
+        on_task_start: bool = True,
+        on_task_end: bool = False,
+        every_n_train_steps: int | None = None,
+        every_n_tasks: int = 1,
+    ) -> None:
+        super().__init__(probe_size=probe_size, on_task_start=on_task_start,
+                         on_task_end=on_task_end, every_n_train_steps=every_n_train_steps,
+                         every_n_tasks=every_n_tasks)
+        if method not in ("auto", "per_layer", "jacobian"):
+            raise ValueError(
+                f"ENTKCallback: method must be auto, per_layer or jacobian, got {method!r}.")
+        self.method = method
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(x, Tensor):
+            raise MeasurementSkipped("the eNTK needs a tensor of inputs as the batch's first item")
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        result = entk(pl_module, x, method=self.method)
+        return {
+            "entk_rank": result.rank,
+            "entk_condition_number": result.condition_number,
+            "entk_interference": result.interference,
+            "entk_top_eigenvalue": float(result.eigenvalues[0]),
+            "entk_trace": float(result.summed_kernel.diagonal().sum()),
+            "spectrum:entk_eigenvalues": result.eigenvalues,
+        }

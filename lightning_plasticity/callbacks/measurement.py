@@ -1,0 +1,236 @@
+"""``MeasurementCallback``: the shell every measurement callback shares.
+
+A subclass implements :meth:`MeasurementCallback.compute` (call a pure function of
+:mod:`lightning_plasticity.measures`, return scalars). This base class decides *when* to measure,
+picks the probe batch, guards against side effects, logs, keeps the per-task history for
+``state_dict``, and turns failures into one warning instead of a crashed run.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_plasticity.callbacks.probe import (
+    ModuleLossFn,
+    first_examples,
+    measurement_context,
+    module_loss,
+    select_probe_batch,
+)
+
+
+class MeasurementSkipped(RuntimeError):
+    """Raised by a measurement that cannot run on this model or batch (message says why)."""
+
+
+class MeasurementCallback(Callback):
+    """Base class: schedule, probe batch, no side effects, logging, history and resume.
+
+    Args:
+        probe_size: examples in the probe batch (split across ranks under DDP).
+        loss_fn: ``loss_fn(pl_module, batch) -> loss``; default: the module's ``plasticity_loss``
+            or its own ``training_step`` (see :func:`.probe.module_loss`).
+        on_task_start: measure at the start of every ``every_n_tasks``-th task (the seeds'
+            measurement point). Without a ContinualDataModule: at the start of fit.
+        on_task_end: measure at the end of every ``every_n_tasks``-th task.
+        every_n_train_steps: also measure after every this many optimizer steps.
+        every_n_tasks: task frequency of the task-event measurements.
+    """
+
+    #: metric names are logged as ``f"{prefix}/{name}"``
+    prefix = "curvature"
+    #: under DDP, measure this rank's shard of the probe (False: every rank the whole probe)
+    shard_probe = True
+
+    def __init__(
+        self,
+        *,
+        probe_size: int = 256,
+        loss_fn: ModuleLossFn | None = None,
+        on_task_start: bool = True,
+        on_task_end: bool = False,
+        every_n_train_steps: int | None = None,
+        every_n_tasks: int = 1,
+    ) -> None:
+        name = type(self).__name__
+        if probe_size < 1:
+            raise ValueError(f"{name}: probe_size must be >= 1, got {probe_size}.")
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise ValueError(f"{name}: every_n_train_steps must be >= 1 or None, got "
+                             f"{every_n_train_steps}.")
+        if every_n_tasks < 1:
+            raise ValueError(f"{name}: every_n_tasks must be >= 1, got {every_n_tasks}.")
+        if not (on_task_start or on_task_end or every_n_train_steps):
+            raise ValueError(f"{name} would never measure: set on_task_start, on_task_end or "
+                             "every_n_train_steps.")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"{name}: loss_fn must be callable(pl_module, batch).")
+        self.probe_size, self.loss_fn = probe_size, loss_fn
+        self.at_task_start, self.at_task_end = on_task_start, on_task_end
+        self.every_n_train_steps, self.every_n_tasks = every_n_train_steps, every_n_tasks
+        #: one dict per measurement: ``task``, ``step``, ``event`` and the metrics
+        self.history: list[dict[str, Any]] = []
+        self._warned: set[str] = set()
+        self._fallback_batch: Any = None
+        self._measured_at_fit_start = False
+        self._last_step = -1
+
+    # ------------------------------------------------------------------ to implement
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+        """Measure on this rank's probe shard.
+
+        Returns scalars by name, and optionally spectra (1-D tensors) under ``"spectrum:<name>"``
+        keys, which go to the history and to wandb as histograms.
+        """
+        raise NotImplementedError
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        """Cheap, collective-free checks; raise :class:`MeasurementSkipped` to skip."""
+        loss = self.loss(pl_module, batch)
+        if not torch.isfinite(loss).all():
+            raise MeasurementSkipped(f"the loss on the probe batch is {loss.item()}")
+
+    # ------------------------------------------------------------------ helpers
+    def loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
+        return module_loss(pl_module, batch, self.loss_fn)
+
+    def loss_closure(self, pl_module: pl.LightningModule) -> Callable[[Any, Any], Tensor]:
+        """``loss_fn(model, batch)`` in the form the measures expect."""
+        return lambda model, batch: module_loss(pl_module, batch, self.loss_fn)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._state_key_args())
+
+    def _state_key_args(self) -> dict[str, Any]:
+        return {"probe_size": self.probe_size, "every_n_train_steps": self.every_n_train_steps}
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"{type(self).__name__}: {message}. Training goes on.", stacklevel=2)
+
+    @staticmethod
+    def _reduce_fn(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        if trainer.world_size <= 1:
+            return None
+
+        def reduce(t: Tensor) -> Tensor:
+            # Lightning's DDP reduce works in place: never hand it a caller's tensor.
+            return trainer.strategy.reduce(t.detach().clone(), reduce_op="mean")
+
+        return reduce
+
+    @staticmethod
+    def _all_ranks_ok(trainer: pl.Trainer, ok: bool) -> bool:
+        if trainer.world_size <= 1:
+            return ok
+        flag = torch.tensor(float(ok), device=trainer.strategy.root_device)
+        return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() == trainer.world_size)
+
+    # ------------------------------------------------------------------ the measurement
+    def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
+                    task_id: int) -> dict[str, Any] | None:
+        """Measure, log and record; every rank must call it at the same point."""
+        error: str | None = None
+        batch = None
+        try:
+            with measurement_context(pl_module):
+                # Built inside the context: under inference_mode it would be an inference tensor.
+                batch = select_probe_batch(trainer, pl_module, self.probe_size,
+                                           self._fallback_batch, sharded=self.shard_probe)
+                self.check(trainer, pl_module, batch)
+        except (MeasurementSkipped, ValueError, TypeError, RuntimeError) as err:
+            error = str(err)
+        # Agree before any collective so that no rank waits on one that skipped.
+        if not self._all_ranks_ok(trainer, error is None):
+            reason = error or "another rank could not measure"
+            self._warn_once(f"skipped the measurement ({reason})")
+            return None
+        try:
+            with measurement_context(pl_module):
+                metrics = self.compute(trainer, pl_module, batch, self._reduce_fn(trainer))
+        except (MeasurementSkipped, ValueError, FloatingPointError) as err:
+            # These come from checks made before any collective, identically on every rank.
+            self._warn_once(f"skipped the measurement ({err})")
+            return None
+        spectra = {f"{self.prefix}/{k.split(':', 1)[1]}": v.detach().cpu()
+                   for k, v in list(metrics.items()) if k.startswith("spectrum:")}
+        scalars = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()
+                   if not k.startswith("spectrum:")}
+        self._log(trainer, scalars, spectra)
+        record = {"task": task_id, "step": trainer.global_step, "event": event, **scalars,
+                  **{k: v.tolist() for k, v in spectra.items()}}
+        self.history.append(record)
+        return record
+
+    def _log(self, trainer: pl.Trainer, scalars: dict[str, float],
+             spectra: dict[str, Tensor]) -> None:
+        # Logged straight to the loggers at the current step (like LearningRateMonitor): an
+        # epoch-level self.log would average several measurements made in one task.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in scalars.items() if math.isfinite(v)}, step=step)
+            if spectra and isinstance(logger, WandbLogger) and trainer.is_global_zero:
+                import wandb
+
+                logger.experiment.log({**{k: wandb.Histogram(v.numpy()) for k, v in
+                                          spectra.items()}, "trainer/global_step": step})
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
+
+    # ------------------------------------------------------------------ hooks
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                      task_id: int) -> None:
+        if self.at_task_start and task_id % self.every_n_tasks == 0:
+            self.measure_now(trainer, pl_module, "task_start", task_id)
+
+    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                    task_id: int) -> None:
+        if self.at_task_end and task_id % self.every_n_tasks == 0:
+            self.measure_now(trainer, pl_module, "task_end", task_id)
+
+    @staticmethod
+    def _has_task_events(trainer: pl.Trainer) -> bool:
+        return callable(getattr(trainer.datamodule, "probe_batch", None))
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self._has_task_events(trainer):
+            return
+        if self._fallback_batch is None:
+            self._fallback_batch = first_examples(batch, self.probe_size)
+        if self.at_task_start and not self._measured_at_fit_start:
+            self._measured_at_fit_start = True
+            self.measure_now(trainer, pl_module, "fit_start", 0)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        n, step = self.every_n_train_steps, trainer.global_step
+        # _last_step: with gradient accumulation several batches share one global step.
+        if n is not None and step % n == 0 and step > 0 and step != self._last_step:
+            self._last_step = step
+            task = int(getattr(trainer.datamodule, "task_id", 0) or 0)
+            self.measure_now(trainer, pl_module, "step", task)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history],
+                "measured_at_fit_start": self._measured_at_fit_start}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._measured_at_fit_start = bool(state_dict.get("measured_at_fit_start", False))
