@@ -1,0 +1,30 @@
+"""Pure-function plasticity measurements (no Lightning import).
+
+Each function takes a model, a loss and/or a batch and returns tensors; the callbacks in
+:mod:`lightning_plasticity.callbacks` are thin shells around them.
+"""
+
+from lightning_plasticity.measures.entk import EmpiricalNTK, entk
+from lightning_plasticity.measures.kfac import (
+    KFACEpsRank,
+    KFACFactors,
+    KFACSpectrum,
+    kfac_eps_rank,
+    kfac_factors,
+    kfac_spectrum,
+)
+from lightning_plasticity.measures.spectral_stats import condition_number, effective_rank, eps_count
+
+__all__ = [
+    "EmpiricalNTK",
+    "KFACEpsRank",
+    "KFACFactors",
+    "KFACSpectrum",
+    "condition_number",
+    "effective_rank",
+    "entk",
+    "eps_count",
+    "kfac_eps_rank",
+    "kfac_factors",
+    "kfac_spectrum",
+]
