@@ -76,8 +76,16 @@ class TaskMetricsPlot(Callback):
         ax.set_xlabel("task")
         ax.set_ylabel(self.metric.replace("_", " "))
         dm = trainer.datamodule
-        title = f"{getattr(dm, 'task_name', '')} on {getattr(dm, 'dataset_name', '')}".strip()
-        ax.set_title(title if title != "on" else self.metric)
+        if "accuracy" in self.metric:
+            ax.set_ylim(0.0, 1.02)
+            classes = getattr(dm, "num_outputs", None)
+            if classes and not getattr(dm, "is_regression", False):
+                ax.axhline(1.0 / classes, color="grey", linestyle="--", linewidth=1,
+                           label="chance")
+                ax.legend(loc="lower left", frameon=False)
+        stream = f"{getattr(dm, 'task_name', '')} on {getattr(dm, 'dataset_name', '')}"
+        ax.set_title(f"{self.metric.replace('_', ' ')}: {stream}" if hasattr(dm, "task_name")
+                     else self.metric.replace("_", " "))
         ax.grid(alpha=0.3)
         fig.tight_layout()
         folder = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir)
