@@ -5,6 +5,15 @@ Each function takes a model, a loss and/or a batch and returns tensors; the call
 """
 
 from lightning_plasticity.measures.entk import EmpiricalNTK, entk
+from lightning_plasticity.measures.hessian_spectrum import (
+    EpsRank,
+    HessianEigenpairs,
+    SpectralDensity,
+    hessian_eigenvalues,
+    hessian_eps_rank,
+    spectral_density,
+)
+from lightning_plasticity.measures.hvp import HessianVectorProduct
 from lightning_plasticity.measures.kfac import (
     KFACEpsRank,
     KFACFactors,
@@ -13,10 +22,19 @@ from lightning_plasticity.measures.kfac import (
     kfac_factors,
     kfac_spectrum,
 )
+from lightning_plasticity.measures.parameter_selection import select_parameters
 from lightning_plasticity.measures.spectral_stats import condition_number, effective_rank, eps_count
 
 __all__ = [
     "EmpiricalNTK",
+    "EpsRank",
+    "HessianEigenpairs",
+    "HessianVectorProduct",
+    "SpectralDensity",
+    "hessian_eigenvalues",
+    "hessian_eps_rank",
+    "select_parameters",
+    "spectral_density",
     "KFACEpsRank",
     "KFACFactors",
     "KFACSpectrum",

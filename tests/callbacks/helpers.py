@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from lightning_plasticity.models import MLP, ContinualClassifier
 
 
 def small_classifier() -> ContinualClassifier:
-    return ContinualClassifier(network=lambda shape, n: MLP(shape, n, width=16, depth=2))
+    return ContinualClassifier(network=partial(MLP, width=16, depth=2))
 
 
 def small_stream(**kwargs: Any) -> ContinualDataModule:

@@ -1,0 +1,151 @@
+"""``HessianRankCallback``: the Hessian's eps-rank, top eigenvalues and gradient overlap."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.callbacks.probe import ModuleLossFn
+from lightning_plasticity.measures.hessian_spectrum import hessian_eps_rank
+from lightning_plasticity.measures.hvp import DEFAULT_MAX_DENSE_PARAMS
+from lightning_plasticity.measures.parameter_selection import select_parameters
+
+
+class HessianRankCallback(MeasurementCallback):
+    """Tracks the curvature of the training loss on a fixed probe batch of the current task.
+
+    Lewandowski et al. ("Directions of curvature as an explanation for loss of plasticity")
+    tie loss of plasticity to the loss of directions of curvature: the number of Hessian
+    eigenvalues with ``|lambda| > threshold`` (the eps-rank) falls. By default this callback
+    measures it at the start of every task, the point the paper measures, with
+    :func:`~lightning_plasticity.measures.hessian_spectrum.hessian_eps_rank` (exact when the
+    parameter block is small, deflated stochastic Lanczos quadrature otherwise) and the
+    gradient-Hessian overlap ``g^T H g / (||g|| ||H g||)``.
+
+    The loss is the module's own: ``loss_fn(pl_module, batch)`` if given, else its
+    ``plasticity_loss(batch)``, else its ``training_step`` (logging suppressed). The model is
+    measured in eval mode (BatchNorm uses running statistics, dropout is off) and nothing about
+    training changes: parameters, gradients, optimizer state, RNG streams and modes are restored.
+    Under DDP every rank measures its shard of the probe batch and Hessian-vector products are
+    all-reduced, so all ranks get the single-process result on the whole probe batch.
+
+    Logged under ``curvature/``: ``hessian_eps_rank``, ``hessian_eps_rank_normalized`` (over
+    the parameters measured), ``hessian_eps_rank_error`` (0 when exact),
+    ``hessian_effective_rank``, ``hessian_top_eigenvalue``, ``hessian_num_params``,
+    ``grad_hessian_overlap``, ``grad_norm``; the top eigenvalues go to the history and to wandb
+    as a histogram.
+
+    Args:
+        eps: eigenvalue threshold, relative to ``|lambda_max|`` when ``relative`` (default
+            ``1e-3``: directions flatter than that take more than ~1000 steps to learn).
+        relative: whether ``eps`` is relative to the largest-magnitude eigenvalue.
+        method: ``"auto"`` (dense when the block has at most ``max_dense_params``
+            parameters), ``"dense"`` (exact) or ``"lanczos"`` (estimate with error).
+        modules: measure the block of these submodules (names or fnmatch patterns).
+        last_n_layers: measure the block of the last ``n`` parameterised layers.
+        max_dense_params: parameter limit of the dense method.
+        top_k: how many of the largest eigenvalues to record.
+        overlap: also measure the gradient-Hessian overlap (one more Hessian-vector product).
+        probe_size, loss_fn, on_task_start, on_task_end, every_n_train_steps, every_n_tasks:
+            see :class:`MeasurementCallback`.
+
+    Example::
+
+        trainer = Trainer(callbacks=[HessianRankCallback()])
+        trainer.fit(model, datamodule=ContinualDataModule("digits", "permuted_labels"))
+        trainer.callback_metrics["curvature/hessian_eps_rank"]
+    """
+
+    def __init__(
+        self,
+        eps: float = 1e-3,
+        relative: bool = True,
+        method: Literal["auto", "dense", "lanczos"] = "auto",
+        modules: Sequence[str] | None = None,
+        last_n_layers: int | None = None,
+        max_dense_params: int = DEFAULT_MAX_DENSE_PARAMS,
+        top_k: int = 20,
+        overlap: bool = True,
+        probe_size: int = 256,
+        loss_fn: ModuleLossFn | None = None,
+        on_task_start: bool = True,
+        on_task_end: bool = False,
+        every_n_train_steps: int | None = None,
+        every_n_tasks: int = 1,
+    ) -> None:
+        super().__init__(probe_size=probe_size, loss_fn=loss_fn, on_task_start=on_task_start,
+                         on_task_end=on_task_end, every_n_train_steps=every_n_train_steps,
+                         every_n_tasks=every_n_tasks)
+        if eps <= 0:
+            raise ValueError(f"HessianRankCallback: eps must be > 0, got {eps}.")
+        if method not in ("auto", "dense", "lanczos"):
+            raise ValueError(
+                f"HessianRankCallback: method must be auto, dense or lanczos, got {method!r}.")
+        if modules is not None and last_n_layers is not None:
+            raise ValueError("HessianRankCallback: give modules or last_n_layers, not both.")
+        if last_n_layers is not None and last_n_layers < 1:
+            raise ValueError(
+                f"HessianRankCallback: last_n_layers must be >= 1, got {last_n_layers}.")
+        if top_k < 1 or max_dense_params < 1:
+            raise ValueError("HessianRankCallback: top_k and max_dense_params must be >= 1.")
+        self.eps, self.relative, self.method = eps, relative, method
+        self.modules = list(modules) if modules is not None else None
+        self.last_n_layers, self.max_dense_params = last_n_layers, max_dense_params
+        self.top_k, self.overlap = top_k, overlap
+
+    def _state_key_args(self) -> dict[str, Any]:
+        return {**super()._state_key_args(), "eps": self.eps, "method": self.method,
+                "modules": self.modules, "last_n_layers": self.last_n_layers}
+
+    def _params(self, pl_module: pl.LightningModule) -> list:
+        return select_parameters(pl_module, modules=self.modules,
+                                 last_n_layers=self.last_n_layers)
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        try:
+            params = self._params(pl_module)
+        except ValueError as err:
+            raise MeasurementSkipped(str(err)) from err
+        n = sum(p.numel() for _, p in params)
+        if self.method == "dense" and n > self.max_dense_params:
+            raise MeasurementSkipped(
+                f"method='dense' on {n} parameters exceeds max_dense_params="
+                f"{self.max_dense_params}; use method='lanczos' or a smaller block "
+                "(modules=... or last_n_layers=...)")
+        super().check(trainer, pl_module, batch)
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+        params = self._params(pl_module)
+        result = hessian_eps_rank(pl_module, self.loss_closure(pl_module), batch, eps=self.eps,
+                                  relative=self.relative, method=self.method, params=params,
+                                  reduce=reduce, max_dense_params=self.max_dense_params)
+        top = result.eigenvalues.sort(descending=True).values[: self.top_k]
+        metrics: dict[str, Any] = {
+            "hessian_eps_rank": result.eps_rank,
+            "hessian_eps_rank_normalized": result.normalized_rank,
+            "hessian_eps_rank_error": result.error_estimate,
+            "hessian_effective_rank": result.effective_rank,
+            "hessian_top_eigenvalue": result.top_eigenvalue,
+            "hessian_num_params": result.num_params,
+            "spectrum:hessian_top_eigenvalues": top,
+        }
+        if self.overlap:
+            metrics.update(self._overlap(pl_module, batch, params, reduce))
+        return metrics
+
+    def _overlap(self, pl_module: pl.LightningModule, batch: Any, params: list,
+                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, float]:
+        from lightning_plasticity.measures.hvp import HessianVectorProduct
+
+        with HessianVectorProduct(pl_module, self.loss_closure(pl_module), batch, params=params,
+                                  reduce=reduce) as hvp:
+            g = hvp.gradient
+            hg = hvp.matvec(g)
+        denom = g.norm() * hg.norm()
+        value = float(g @ hg / denom) if denom > 0 else float("nan")
+        return {"grad_hessian_overlap": value, "grad_norm": float(g.norm())}
