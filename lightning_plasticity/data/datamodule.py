@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -75,7 +74,13 @@ class ContinualDataModule(pl.LightningDataModule):
     (``log_every_n_steps``), plus
     ``task/train_accuracy`` when ``training_step`` returns a dict with ``"logits"``;
     ``task/end_loss`` and ``task/end_accuracy`` at each task's end, averaged over its last
-    ``end_window`` batches (the seeds' task-end batch error) and over ranks. The per-task history
+    ``end_window`` batches (the seeds' task-end batch error) and over ranks, together with
+    ``task/online_accuracy`` (mean training-batch accuracy over the whole task),
+    ``task/steps_to_target`` (optimizer steps into the task until the mean accuracy of the last
+    ``end_window`` batches first reached ``target_accuracy``; NaN if never) and
+    ``task/trainable``, the tau-trainability flag of Lewandowski et al.'s poster: 1 when the
+    task-end accuracy is within ``trainability_tolerance`` of the best task-end accuracy so far
+    (for regression: task-end loss within the tolerance of the best). The per-task history
     is :attr:`task_history`. Validation uses held-out examples of the current task and, with
     ``val_previous_tasks=n``, of the ``n`` tasks before it (dataloader ``j`` is ``j`` tasks back).
 
@@ -96,6 +101,8 @@ class ContinualDataModule(pl.LightningDataModule):
         val_size: at most this many held-out examples are evaluated per task.
         val_previous_tasks: also validate on this many earlier tasks.
         end_window: batches before a switch over which task-end metrics are averaged.
+        target_accuracy: accuracy that ``task/steps_to_target`` waits for.
+        trainability_tolerance: ``v`` of the tau-trainability flag ``task/trainable``.
         seed: the seed every task derives from.
         num_workers: DataLoader worker processes.
         persistent_workers: keep workers alive between epochs (tasks).
@@ -134,6 +141,8 @@ class ContinualDataModule(pl.LightningDataModule):
         val_size: int | None = 1000,
         val_previous_tasks: int = 0,
         end_window: int = 10,
+        target_accuracy: float = 0.9,
+        trainability_tolerance: float = 0.05,
         seed: int = 0,
         num_workers: int = 0,
         persistent_workers: bool = False,
@@ -168,6 +177,10 @@ class ContinualDataModule(pl.LightningDataModule):
                                  ("val_previous_tasks", val_previous_tasks, 0)]:
             if value is not None and value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}.")
+        if not 0.0 < target_accuracy <= 1.0 or trainability_tolerance < 0:
+            raise ValueError(
+                f"Need 0 < target_accuracy <= 1 and trainability_tolerance >= 0; got "
+                f"{target_accuracy} and {trainability_tolerance}.")
         if persistent_workers and num_workers == 0:
             raise ValueError("persistent_workers=True needs num_workers > 0.")
         self.save_hyperparameters()
@@ -176,6 +189,7 @@ class ContinualDataModule(pl.LightningDataModule):
         self.epochs_per_task = epochs_per_task or 1
         self.batch_size, self.subset_size, self.val_size = batch_size, subset_size, val_size
         self.val_previous_tasks, self.end_window, self.seed = val_previous_tasks, end_window, seed
+        self.target_accuracy, self.trainability_tolerance = target_accuracy, trainability_tolerance
         self.num_workers, self.persistent_workers = num_workers, persistent_workers
         self.pin_memory = pin_memory
         self.dataset_options = DatasetOptions(
@@ -193,7 +207,9 @@ class ContinualDataModule(pl.LightningDataModule):
         self.task_id = 0
         self.task_history: list[dict[str, float]] = []
         self._epoch, self._epoch_batches = 0, 0
-        self._window: deque[tuple[Tensor, Tensor | None]] = deque(maxlen=end_window)
+        # (loss, accuracy) of every training batch of the current task, kept as device tensors
+        # and reduced once at the task's end, so no step waits on a device sync.
+        self._task_batches: list[tuple[Tensor, Tensor | None]] = []
         self._resume: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ data and tasks
@@ -397,31 +413,52 @@ class ContinualDataModule(pl.LightningDataModule):
 
     def _start_task(self, task_id: int) -> None:
         self.task_id = task_id
-        self._window.clear()
+        self._task_batches.clear()
 
     def _record_batch(self, epoch: int, batch_idx: int, loss: Tensor,
                       accuracy: Tensor | None) -> None:
         self._epoch, self._epoch_batches = epoch, batch_idx + 1
-        self._window.append((loss, accuracy))
+        self._task_batches.append((loss.detach(), None if accuracy is None else accuracy.detach()))
 
-    def _end_task_metrics(self) -> dict[str, Tensor]:
-        if not self._window:
+    def _end_task_metrics(self, reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """Task-level metrics; ``reduce`` averages the per-batch values over ranks first."""
+        if not self._task_batches:
             return {}
         # Entries restored from a checkpoint live on the CPU; gather on the newest one's device.
-        device = self._window[-1][0].device
-        metrics = {"end_loss": torch.stack([w[0].to(device) for w in self._window]).mean()}
-        accs = [w[1].to(device) for w in self._window if w[1] is not None]
-        if accs:
-            metrics["end_accuracy"] = torch.stack(accs).mean()
-        return metrics
+        device = self._task_batches[-1][0].device
+        losses = reduce(torch.stack([b[0].to(device).float() for b in self._task_batches]))
+        metrics = {"end_loss": losses[-self.end_window:].mean()}
+        accs = [b[1].to(device).float() for b in self._task_batches if b[1] is not None]
+        if len(accs) == len(self._task_batches):
+            acc = reduce(torch.stack(accs))
+            metrics["end_accuracy"] = acc[-self.end_window:].mean()
+            metrics["online_accuracy"] = acc.mean()
+            # Mean over each trailing window of end_window batches (shorter at the start).
+            window = torch.ones(self.end_window, device=device, dtype=acc.dtype)
+            sums = torch.nn.functional.conv1d(
+                torch.nn.functional.pad(acc, (self.end_window - 1, 0))[None, None],
+                window[None, None])[0, 0]
+            counts = torch.arange(1, acc.shape[0] + 1, device=device).clamp_max(self.end_window)
+            reached = torch.nonzero(sums / counts >= self.target_accuracy)
+            batches = float(reached[0, 0] + 1) if reached.numel() else float("nan")
+            metrics["steps_to_target"] = torch.tensor(batches / self.accumulate_grad_batches)
+        return {name: float(value) for name, value in metrics.items()}
+
+    def _trainable_flag(self, record: dict[str, float]) -> float:
+        """Lewandowski et al.'s tau-trainability flag against the best earlier task end."""
+        key, sign = (("end_accuracy", 1.0) if "end_accuracy" in record else ("end_loss", -1.0))
+        if key not in record:
+            return float("nan")
+        seen = [sign * h[key] for h in self.task_history if key in h] + [sign * record[key]]
+        return float(sign * record[key] >= max(seen) - self.trainability_tolerance)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset_name, "task": self.task_name, "seed": self.seed,
             "task_id": self.task_id, "epoch": self._epoch, "epoch_batches": self._epoch_batches,
-            "window": [(float(loss), None if acc is None else float(acc))
-                       for loss, acc in self._window],
+            "task_batches": [(float(loss), None if acc is None else float(acc))
+                             for loss, acc in self._task_batches],
             "task_history": [dict(h) for h in self.task_history],
         }
 
@@ -437,7 +474,6 @@ class ContinualDataModule(pl.LightningDataModule):
         self.task_id = int(state_dict["task_id"])
         self._epoch, self._epoch_batches = state_dict["epoch"], state_dict["epoch_batches"]
         self._resume = (self._epoch, self._epoch_batches)
-        self._window.clear()
-        for loss, acc in state_dict["window"]:
-            self._window.append((torch.tensor(loss), None if acc is None else torch.tensor(acc)))
+        self._task_batches = [(torch.tensor(loss), None if acc is None else torch.tensor(acc))
+                              for loss, acc in state_dict["task_batches"]]
         self.task_history = [dict(h) for h in state_dict["task_history"]]

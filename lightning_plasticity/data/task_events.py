@@ -110,14 +110,16 @@ class TaskEventDispatcher(Callback):
         if dm is None or not dm.task_completed_in_epoch(trainer.current_epoch):
             return
         task_id = dm.task_id
-        # Every rank reaches this point at the same epoch, so the collective is safe.
-        metrics = {k: trainer.strategy.reduce(v, reduce_op="mean")
-                   for k, v in dm._end_task_metrics().items()}
+        # Every rank reaches this point at the same epoch with the same number of batches, so
+        # the collectives are safe and every rank computes the same metrics.
+        metrics = dm._end_task_metrics(
+            lambda t: trainer.strategy.reduce(t.clone(), reduce_op="mean"))
         record: dict[str, float] = {"task": float(task_id),
-                                    "global_step": float(trainer.global_step)}
-        for name, value in metrics.items():
-            pl_module.log(f"task/{name}", value, on_step=False, on_epoch=True)
-            record[name] = float(value)
+                                    "global_step": float(trainer.global_step), **metrics}
+        record["trainable"] = dm._trainable_flag(record)
+        for name, value in record.items():
+            if name not in ("task", "global_step"):
+                pl_module.log(f"task/{name}", value, on_step=False, on_epoch=True)
         dm.task_history.append(record)
         dispatch_task_event(trainer, pl_module, "on_task_end", task_id)
 

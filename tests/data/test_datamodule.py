@@ -126,3 +126,26 @@ def test_probe_batch_is_fixed() -> None:
     a, b = dm.probe_batch(32, task_id=1), dm.probe_batch(32, task_id=1)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert a[0].shape == (32, 1, 8, 8)
+
+
+def test_task_level_metrics() -> None:
+    accs: list[float] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+            accs.append(float((outputs["logits"].argmax(-1) == batch[1]).float().mean()))
+
+    dm, trainer, _ = run("identity", callbacks=[Spy()], num_tasks=2, steps_per_task=40,
+                         end_window=5, target_accuracy=0.5, trainability_tolerance=0.01)
+    for t, record in enumerate(dm.task_history):
+        task = accs[40 * t:40 * (t + 1)]
+        assert record["online_accuracy"] == pytest.approx(sum(task) / 40, rel=1e-5)
+        means = [sum(task[max(0, i - 4):i + 1]) / min(i + 1, 5) for i in range(40)]
+        first = next((i + 1 for i, m in enumerate(means) if m >= 0.5), float("nan"))
+        assert record["steps_to_target"] == first
+    ends = [h["end_accuracy"] for h in dm.task_history]
+    # Trainable: within the tolerance of the best task end so far (the first task always is).
+    assert [h["trainable"] for h in dm.task_history] == [
+        float(e >= max(ends[:t + 1]) - 0.01) for t, e in enumerate(ends)]
+    for key in ("task/online_accuracy", "task/steps_to_target", "task/trainable"):
+        assert key in trainer.callback_metrics

@@ -1,0 +1,54 @@
+"""Wall time of the quickstart recipe with measurement callbacks at their defaults / without.
+
+Runs ``lightning-plasticity fit --config recipes/quickstart.yaml`` as a subprocess, once plain and
+once with the given callbacks appended (``--trainer.callbacks+=<Name>``), alternating for
+``--repeats`` rounds so both see the same machine load, and prints the ratio of the best wall
+times. The runs write into a temporary folder. Target for ``HessianRankCallback``: <= 1.10.
+
+Usage::
+
+    .venv/bin/python benchmarks/callback_overhead.py                       # HessianRankCallback
+    .venv/bin/python benchmarks/callback_overhead.py --callbacks KFACCallback ENTKCallback
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_recipe(extra: list[str], workdir: Path) -> float:
+    script = Path(sys.executable).with_name("lightning-plasticity")
+    cmd = [str(script), "fit", "--config", str(REPO / "recipes" / "quickstart.yaml"), *extra]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=workdir, env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--callbacks", nargs="+", default=["HessianRankCallback"])
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    extra = [f"--trainer.callbacks+={name}" for name in args.callbacks]
+    plain, measured = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            plain.append(run_recipe([], Path(tmp)))
+            measured.append(run_recipe(extra, Path(tmp)))
+    print(f"quickstart recipe, best of {args.repeats} (s): plain {min(plain):.1f}, "
+          f"with {' + '.join(args.callbacks)} {min(measured):.1f}")
+    print(f"ratio with / without: {min(measured) / min(plain):.3f}")
+
+
+if __name__ == "__main__":
+    main()
