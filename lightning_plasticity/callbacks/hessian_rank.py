@@ -47,6 +47,12 @@ class HessianRankCallback(MeasurementCallback):
             parameters), ``"dense"`` (exact) or ``"lanczos"`` (estimate with error).
         modules: measure the block of these submodules (names or fnmatch patterns).
         last_n_layers: measure the block of the last ``n`` parameterised layers.
+            Without ``modules`` or ``last_n_layers`` the block is every trainable parameter;
+            if that is more than ``max_dense_params`` and ``method`` is not ``"lanczos"``, the
+            block is the largest set of last layers that fits (said once in a warning), so the
+            default measurement is exact and cheap on any model. A whole large model needs
+            ``method="lanczos"`` (deflated SLQ; minutes per measurement at 1e4-1e5
+            parameters on a CPU).
         max_dense_params: parameter limit of the dense method.
         top_k: how many of the largest eigenvalues to record.
         overlap: also measure the gradient-Hessian overlap (one more Hessian-vector product).
@@ -102,8 +108,30 @@ class HessianRankCallback(MeasurementCallback):
                 "modules": self.modules, "last_n_layers": self.last_n_layers}
 
     def _params(self, pl_module: pl.LightningModule) -> list:
-        return select_parameters(pl_module, modules=self.modules,
-                                 last_n_layers=self.last_n_layers)
+        if self.modules is not None or self.last_n_layers is not None or self.method == "lanczos":
+            return select_parameters(pl_module, modules=self.modules,
+                                     last_n_layers=self.last_n_layers)
+        params = select_parameters(pl_module)
+        if sum(p.numel() for _, p in params) <= self.max_dense_params:
+            return params
+        # Too big for the exact method: the largest block of last layers that fits (the
+        # partial blockwise Hessian Lewandowski et al. measure), rather than a slow estimate.
+        block, n = select_parameters(pl_module, last_n_layers=1), 1
+        while True:
+            try:
+                wider = select_parameters(pl_module, last_n_layers=n + 1)
+            except ValueError:
+                break
+            if len(wider) == len(block) or sum(p.numel() for _, p in wider) > \
+                    self.max_dense_params:
+                break
+            block, n = wider, n + 1
+        self._note_once(f"the model has more than max_dense_params={self.max_dense_params} "
+                        f"parameters: measuring the exact Hessian of the last {n} layer(s) "
+                        f"({sum(p.numel() for _, p in block)} parameters). Pass method='lanczos' "
+                        "to estimate the whole model's eps-rank, or choose a block with modules= "
+                        "or last_n_layers=")
+        return block
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         try:

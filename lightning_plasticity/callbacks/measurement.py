@@ -116,6 +116,12 @@ class MeasurementCallback(Callback):
     def _state_key_args(self) -> dict[str, Any]:
         return {"probe_size": self.probe_size, "every_n_train_steps": self.every_n_train_steps}
 
+    def _note_once(self, message: str) -> None:
+        """A one-time notice about a choice made for the user (not a failure)."""
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"{type(self).__name__}: {message}.", stacklevel=2)
+
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)

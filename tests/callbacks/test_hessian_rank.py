@@ -131,3 +131,15 @@ def test_ddp_equals_one_process_on_the_same_probe(tmp_path: Path) -> None:
                                            rtol=1e-4, atol=1e-6)
             elif key != "curvature/grad_hessian_overlap":  # a cosine of two small vectors
                 assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize(("limit", "layers", "count"), [(400, 1, 170), (500, 2, 442)])
+def test_large_model_defaults_to_the_last_layers_block_that_fits(limit: int, layers: int,
+                                                                   count: int) -> None:
+    # MLP 64-16-16-10: head 16*10+10 = 170, last hidden 16*16+16 = 272, first 64*16+16 = 1040.
+    cb = HessianRankCallback(probe_size=32, max_dense_params=limit)
+    with pytest.warns(UserWarning, match=rf"exact Hessian of the last {layers} layer\(s\) "
+                                         rf"\({count} parameters\)"):
+        fast_trainer(callbacks=[cb], limit_val_batches=0).fit(
+            small_classifier(), datamodule=small_stream(num_tasks=1))
+    assert cb.history[0]["curvature/hessian_num_params"] == count
