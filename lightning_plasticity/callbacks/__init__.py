@@ -1,16 +1,24 @@
 """Plasticity measurements and plots as Lightning callbacks."""
 
 from lightning_plasticity.callbacks.entk import ENTKCallback
+from lightning_plasticity.callbacks.feature_rank import FeatureRankCallback
+from lightning_plasticity.callbacks.gradient_interference import GradientInterferenceCallback
 from lightning_plasticity.callbacks.hessian_rank import HessianRankCallback
 from lightning_plasticity.callbacks.kfac import KFACCallback
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.callbacks.parameter_stats import ParameterStatsCallback
 from lightning_plasticity.callbacks.task_metrics_plot import TaskMetricsPlot
+from lightning_plasticity.callbacks.unit_activity import UnitActivityCallback
 
 __all__ = [
     "ENTKCallback",
+    "FeatureRankCallback",
+    "GradientInterferenceCallback",
     "HessianRankCallback",
     "KFACCallback",
     "MeasurementCallback",
     "MeasurementSkipped",
+    "ParameterStatsCallback",
     "TaskMetricsPlot",
+    "UnitActivityCallback",
 ]

@@ -139,6 +139,13 @@ class MeasurementCallback(Callback):
         return reduce
 
     @staticmethod
+    def _reduce_sum_fn(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        """Sums a statistic over ranks (None on one process)."""
+        if trainer.world_size <= 1:
+            return None
+        return lambda t: trainer.strategy.reduce(t.detach().clone(), reduce_op="sum")
+
+    @staticmethod
     def _all_ranks_ok(trainer: pl.Trainer, ok: bool) -> bool:
         if trainer.world_size <= 1:
             return ok
@@ -230,6 +237,11 @@ class MeasurementCallback(Callback):
             self._last_step = step
             task = int(getattr(trainer.datamodule, "task_id", 0) or 0)
             self.measure_now(trainer, pl_module, "step", task)
+
+    @staticmethod
+    def inputs_of(batch: Any) -> Any:
+        """The inputs of a probe batch: the first item of a tuple/list batch, else the batch."""
+        return batch[0] if isinstance(batch, (tuple, list)) else batch
 
     @override
     def state_dict(self) -> dict[str, Any]:

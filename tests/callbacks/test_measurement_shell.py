@@ -10,7 +10,15 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from torch import nn
 
-from lightning_plasticity.callbacks import ENTKCallback, HessianRankCallback, KFACCallback
+from lightning_plasticity.callbacks import (
+    ENTKCallback,
+    FeatureRankCallback,
+    GradientInterferenceCallback,
+    HessianRankCallback,
+    KFACCallback,
+    ParameterStatsCallback,
+    UnitActivityCallback,
+)
 from lightning_plasticity.callbacks.probe import module_loss
 from tests.callbacks.helpers import LoggingModule, small_classifier, small_stream
 from tests.data.helpers import fast_trainer, flat_params
@@ -19,7 +27,11 @@ from tests.data.helpers import fast_trainer, flat_params
 def all_callbacks() -> list[pl.Callback]:
     return [KFACCallback(probe_size=32, on_task_end=True, every_n_train_steps=2),
             ENTKCallback(probe_size=16, on_task_end=True, every_n_train_steps=3),
-            HessianRankCallback(probe_size=32, on_task_end=True, every_n_train_steps=4)]
+            HessianRankCallback(probe_size=32, on_task_end=True, every_n_train_steps=4),
+            UnitActivityCallback(probe_size=32, every_n_train_steps=3),
+            FeatureRankCallback(probe_size=32, on_task_end=True),
+            ParameterStatsCallback(on_task_start=True),
+            GradientInterferenceCallback(probe_size=8, every_n_train_steps=5)]
 
 
 def test_callbacks_do_not_change_training() -> None:
@@ -36,7 +48,8 @@ def test_callbacks_do_not_change_training() -> None:
     assert torch.equal(plain_weights, measured_weights)
     for a, b in zip(plain_opt["state"].values(), measured_opt["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    kfac, entk, hessian = callbacks
+    kfac, entk, hessian, *others = callbacks
+    assert all(cb.history for cb in others)
     assert len(hessian.history) == 3 + 3 + 3  # task starts, task ends, steps 4, 8, 12
     assert [h["event"] for h in kfac.history].count("task_start") == 3
     assert [h["event"] for h in kfac.history].count("task_end") == 3

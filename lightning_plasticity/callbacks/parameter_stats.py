@@ -1,0 +1,93 @@
+"""``ParameterStatsCallback``: norms, distance and Wasserstein distance from init, stable rank."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_plasticity.callbacks.measurement import MeasurementCallback
+from lightning_plasticity.measures.parameter_stats import parameter_stats, snapshot_parameters
+
+
+class ParameterStatsCallback(MeasurementCallback):
+    """Tracks parameter-level mechanisms: growing norms and drift from initialisation.
+
+    Per layer and in total (:func:`lightning_plasticity.measures.parameter_stats.parameter_stats`):
+    weight norm, mean ``|w|``, distance from initialisation ``||theta - theta_0||``, the
+    per-tensor 1-D Wasserstein distance between the current and initial weight distributions
+    (``wasserstein_p`` 1 or 2), the stable rank ``||W||_F^2 / ||W||_2^2`` of weight matrices, the
+    update size ``||theta - theta_start||`` since the last task start, and the gradient norm
+    (of the ``.grad`` left by the last step). ``theta_0`` is captured when training starts and
+    kept in the checkpoint, so a resumed run keeps measuring against the true initialisation.
+
+    Parameters are identical on every rank, so nothing is reduced under DDP.
+
+    Logged under ``params/``: ``total/<stat>`` and ``<layer>/<stat>``.
+
+    Args:
+        wasserstein_p: 1 (mean ``|sort(theta) - sort(theta_0)|``) or 2 (its root mean square).
+        stable_rank: also compute the stable rank (one small SVD per weight matrix).
+        on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
+            :class:`MeasurementCallback` (by default at task ends, so the update size covers
+            the whole task).
+
+    Example::
+
+        Trainer(callbacks=[ParameterStatsCallback()]).fit(model, datamodule=dm)
+    """
+
+    prefix = "params"
+
+    def __init__(
+        self,
+        wasserstein_p: Literal[1, 2] = 1,
+        stable_rank: bool = True,
+        on_task_start: bool = False,
+        on_task_end: bool = True,
+        every_n_train_steps: int | None = None,
+        every_n_tasks: int = 1,
+    ) -> None:
+        super().__init__(probe_size=1, on_task_start=on_task_start, on_task_end=on_task_end,
+                         every_n_train_steps=every_n_train_steps, every_n_tasks=every_n_tasks)
+        if wasserstein_p not in (1, 2):
+            raise ValueError(f"ParameterStatsCallback: wasserstein_p must be 1 or 2, got "
+                             f"{wasserstein_p}.")
+        self.wasserstein_p, self.stable_rank = wasserstein_p, stable_rank
+        self.init: dict[str, Tensor] | None = None
+        self.task_start: dict[str, Tensor] | None = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.init is None:  # not when resuming: the checkpoint holds the true theta_0
+            self.init = snapshot_parameters(pl_module, device="cpu")
+
+    def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                      task_id: int) -> None:
+        super().on_task_start(trainer, pl_module, task_id)
+        self.task_start = snapshot_parameters(pl_module, device="cpu")
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        pass  # no loss involved
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+        stats = parameter_stats(pl_module, self.init, self.task_start,
+                                wasserstein_p=self.wasserstein_p, stable_rank=self.stable_rank)
+        metrics: dict[str, Any] = {}
+        for group, values in [("total", stats.total), *stats.layers.items()]:
+            for name in ("norm", "mean_abs", "distance_from_init", "wasserstein", "stable_rank",
+                         "update_norm", "grad_norm"):
+                metrics[f"{group}/{name}"] = getattr(values, name)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "init": self.init, "task_start": self.task_start}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.init, self.task_start = state_dict.get("init"), state_dict.get("task_start")
+
