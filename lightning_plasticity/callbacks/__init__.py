@@ -7,6 +7,7 @@ from lightning_plasticity.callbacks.hessian_rank import HessianRankCallback
 from lightning_plasticity.callbacks.kfac import KFACCallback
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.parameter_stats import ParameterStatsCallback
+from lightning_plasticity.callbacks.plasticity_probe import PlasticityProbeCallback
 from lightning_plasticity.callbacks.task_metrics_plot import TaskMetricsPlot
 from lightning_plasticity.callbacks.unit_activity import UnitActivityCallback
 
@@ -19,6 +20,7 @@ __all__ = [
     "MeasurementCallback",
     "MeasurementSkipped",
     "ParameterStatsCallback",
+    "PlasticityProbeCallback",
     "TaskMetricsPlot",
     "UnitActivityCallback",
 ]

@@ -22,10 +22,36 @@ from lightning_plasticity.measures.kfac import (
     kfac_factors,
     kfac_spectrum,
 )
+from lightning_plasticity.measures.feature_rank import FeatureRank, srank
+from lightning_plasticity.measures.feature_rank import feature_rank as feature_rank_of
+from lightning_plasticity.measures.gradient_interference import (
+    GradientInterference,
+    gradient_interference,
+)
 from lightning_plasticity.measures.parameter_selection import select_parameters
+from lightning_plasticity.measures.parameter_stats import (
+    ParameterStats,
+    parameter_stats,
+    snapshot_parameters,
+)
+from lightning_plasticity.measures.plasticity_probe import PlasticityProbe, plasticity_probe
+from lightning_plasticity.measures.unit_activity import UnitActivity
+from lightning_plasticity.measures.unit_activity import unit_activity as unit_activity_of
 from lightning_plasticity.measures.spectral_stats import condition_number, effective_rank, eps_count
 
 __all__ = [
+    "FeatureRank",
+    "GradientInterference",
+    "ParameterStats",
+    "PlasticityProbe",
+    "UnitActivity",
+    "feature_rank_of",
+    "gradient_interference",
+    "parameter_stats",
+    "plasticity_probe",
+    "snapshot_parameters",
+    "srank",
+    "unit_activity_of",
     "EmpiricalNTK",
     "EpsRank",
     "HessianEigenpairs",

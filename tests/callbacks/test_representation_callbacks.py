@@ -16,6 +16,7 @@ from lightning_plasticity.callbacks import (
     FeatureRankCallback,
     GradientInterferenceCallback,
     ParameterStatsCallback,
+    PlasticityProbeCallback,
     UnitActivityCallback,
 )
 from lightning_plasticity.data import ContinualDataModule
@@ -57,7 +58,8 @@ def test_ddp_equals_one_process(tmp_path: Path) -> None:
         model.network = model._network_factory((1, 8, 8), 10)
         callbacks = [UnitActivityCallback(probe_size=64), FeatureRankCallback(probe_size=64),
                      ParameterStatsCallback(on_task_start=True),
-                     GradientInterferenceCallback(probe_size=16), HistoryDump(str(folder))]
+                     GradientInterferenceCallback(probe_size=16),
+                     PlasticityProbeCallback(steps=5, probe_size=16), HistoryDump(str(folder))]
         kwargs: dict = {"devices": devices}
         if devices > 1:
             kwargs["strategy"] = DDPStrategy(start_method="spawn", process_group_backend="gloo",
@@ -119,3 +121,26 @@ def test_unknown_feature_layer_warns_and_training_goes_on() -> None:
     with pytest.warns(UserWarning, match="matches no submodule"):
         trainer.fit(small_classifier(), datamodule=small_stream(num_tasks=2))
     assert trainer.global_step == 10 and cb.history == []
+
+
+def test_plasticity_probe_runs_on_a_copy_and_is_deterministic() -> None:
+    from tests.data.helpers import flat_params
+
+    def train(callbacks: list) -> torch.Tensor:
+        pl.seed_everything(0)
+        model = small_classifier()
+        fast_trainer(callbacks=callbacks, limit_val_batches=0).fit(
+            model, datamodule=small_stream(num_tasks=2))
+        return flat_params(model)
+
+    probe, again = PlasticityProbeCallback(steps=20), PlasticityProbeCallback(steps=20)
+    weights = train([probe])
+    assert torch.equal(weights, train([]))  # training is untouched by the probe
+    train([again])
+    assert probe.history == again.history and len(probe.history) == 2
+    first = probe.history[0]
+    assert first["plasticity/loss_reduction"] > 0
+    assert first["plasticity/relative_final_loss"] == pytest.approx(
+        first["plasticity/final_loss"] / first["plasticity/fresh_final_loss"])
+    with pytest.raises(ValueError, match="need steps >= 1"):
+        PlasticityProbeCallback(steps=0)

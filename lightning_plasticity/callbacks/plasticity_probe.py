@@ -1,0 +1,127 @@
+"""``PlasticityProbeCallback``: Lyle et al. 2023's plasticity, measured on a copy."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.measures.plasticity_probe import plasticity_probe
+
+
+@contextlib.contextmanager
+def _without_trainer(module: nn.Module) -> Iterator[nn.Module]:
+    # Deep-copying a LightningModule would also copy its trainer; detach it for the copy.
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None:
+        module._trainer = None
+    try:
+        yield module
+    finally:
+        if trainer is not None:
+            module._trainer = trainer
+
+
+def fresh_initialisation(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` with every submodule's ``reset_parameters()`` applied, seeded, without
+    consuming the global RNG stream."""
+    fresh = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in fresh.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+    return fresh
+
+
+class PlasticityProbeCallback(MeasurementCallback):
+    """Plasticity as Lyle et al. 2023 define it ("Understanding plasticity in neural networks").
+
+    At task boundaries the network is copied and the copy is trained for ``steps`` steps with a
+    fixed optimizer on a fresh random-target regression (or random labels) over the probe
+    inputs; the final loss measures how well the network can still fit a new target. The same
+    procedure on a fresh initialisation of the same architecture gives the reference. Training
+    continues from the untouched network: only copies are trained. Deterministic given ``seed``
+    (see :func:`lightning_plasticity.measures.plasticity_probe.plasticity_probe`).
+
+    The network is the module's ``network`` attribute when it has one (the package's modules),
+    else the LightningModule itself. Under DDP every rank probes the whole probe batch (the same
+    result everywhere, no collective).
+
+    Logged under ``plasticity/``: ``final_loss``, ``initial_loss``, ``loss_reduction``,
+    ``fresh_final_loss`` and ``relative_final_loss`` (final over fresh final; > 1 means the
+    trained network fits new targets worse than a fresh one).
+
+    Args:
+        steps: optimizer steps of each probe fit.
+        lr: probe learning rate.
+        optimizer: ``"adam"`` or ``"sgd"``.
+        target: ``"regression"`` (random Gaussian targets) or ``"labels"`` (random labels).
+        compare_fresh: also fit a fresh initialisation.
+        seed: seed of the targets and of the fresh initialisation.
+        probe_size, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
+            :class:`MeasurementCallback`.
+
+    Example::
+
+        Trainer(callbacks=[PlasticityProbeCallback(steps=100)]).fit(model, datamodule=dm)
+    """
+
+    prefix = "plasticity"
+    shard_probe = False
+
+    def __init__(
+        self,
+        steps: int = 100,
+        lr: float = 1e-3,
+        optimizer: Literal["adam", "sgd"] = "adam",
+        target: Literal["regression", "labels"] = "regression",
+        compare_fresh: bool = True,
+        seed: int = 0,
+        probe_size: int = 256,
+        on_task_start: bool = True,
+        on_task_end: bool = False,
+        every_n_train_steps: int | None = None,
+        every_n_tasks: int = 1,
+    ) -> None:
+        super().__init__(probe_size=probe_size, on_task_start=on_task_start,
+                         on_task_end=on_task_end, every_n_train_steps=every_n_train_steps,
+                         every_n_tasks=every_n_tasks)
+        if steps < 1 or lr <= 0:
+            raise ValueError(f"PlasticityProbeCallback: need steps >= 1 and lr > 0; got {steps}, "
+                             f"{lr}.")
+        if optimizer not in ("adam", "sgd") or target not in ("regression", "labels"):
+            raise ValueError("PlasticityProbeCallback: optimizer must be adam or sgd and target "
+                             f"regression or labels; got {optimizer!r}, {target!r}.")
+        self.steps, self.lr, self.optimizer, self.target = steps, lr, optimizer, target
+        self.compare_fresh, self.seed = compare_fresh, seed
+
+    def _state_key_args(self) -> dict[str, Any]:
+        return {**super()._state_key_args(), "steps": self.steps, "target": self.target}
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        if not isinstance(self.inputs_of(batch), Tensor):
+            raise MeasurementSkipped("the probe needs a tensor of inputs")
+
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+        network = getattr(pl_module, "network", None)
+        model = network if isinstance(network, nn.Module) else pl_module
+        with _without_trainer(pl_module):
+            fresh = fresh_initialisation(model, self.seed) if self.compare_fresh else None
+            result = plasticity_probe(model, self.inputs_of(batch), steps=self.steps,
+                                      lr=self.lr, optimizer=self.optimizer, target=self.target,
+                                      seed=self.seed, fresh_model=fresh)
+        metrics: dict[str, Any] = {"final_loss": result.final_loss,
+                                   "initial_loss": result.initial_loss,
+                                   "loss_reduction": result.loss_reduction}
+        if fresh is not None:
+            metrics["fresh_final_loss"] = result.fresh_final_loss
+            metrics["relative_final_loss"] = result.relative_final_loss
+        return metrics
