@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_plasticity.callbacks  # noqa: F401 - registers short names for YAML
 import lightning_plasticity.data  # noqa: F401
 import lightning_plasticity.models  # noqa: F401
+import lightning_plasticity.regularizers  # noqa: F401
 
 
 class PlasticityCLI(LightningCLI):
