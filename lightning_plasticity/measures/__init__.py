@@ -5,6 +5,12 @@ Each function takes a model, a loss and/or a batch and returns tensors; the call
 """
 
 from lightning_plasticity.measures.entk import EmpiricalNTK, entk
+from lightning_plasticity.measures.feature_rank import FeatureRank, srank
+from lightning_plasticity.measures.feature_rank import feature_rank as feature_rank_of
+from lightning_plasticity.measures.gradient_interference import (
+    GradientInterference,
+    gradient_interference,
+)
 from lightning_plasticity.measures.hessian_spectrum import (
     EpsRank,
     HessianEigenpairs,
@@ -22,12 +28,6 @@ from lightning_plasticity.measures.kfac import (
     kfac_factors,
     kfac_spectrum,
 )
-from lightning_plasticity.measures.feature_rank import FeatureRank, srank
-from lightning_plasticity.measures.feature_rank import feature_rank as feature_rank_of
-from lightning_plasticity.measures.gradient_interference import (
-    GradientInterference,
-    gradient_interference,
-)
 from lightning_plasticity.measures.parameter_selection import select_parameters
 from lightning_plasticity.measures.parameter_stats import (
     ParameterStats,
@@ -35,9 +35,9 @@ from lightning_plasticity.measures.parameter_stats import (
     snapshot_parameters,
 )
 from lightning_plasticity.measures.plasticity_probe import PlasticityProbe, plasticity_probe
+from lightning_plasticity.measures.spectral_stats import condition_number, effective_rank, eps_count
 from lightning_plasticity.measures.unit_activity import UnitActivity
 from lightning_plasticity.measures.unit_activity import unit_activity as unit_activity_of
-from lightning_plasticity.measures.spectral_stats import condition_number, effective_rank, eps_count
 
 __all__ = [
     "FeatureRank",

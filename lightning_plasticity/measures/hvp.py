@@ -10,8 +10,9 @@ about one backward pass and no forward pass.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 #: Averages a tensor across DDP ranks (all_reduce then divide by the world size), or ``None``.
 Reduce = Callable[[Tensor], Tensor]
 #: A parameter selection as returned by :func:`select_parameters` (bare parameters are accepted).
-NamedParams = Sequence[Union[tuple[str, nn.Parameter], nn.Parameter]]
+NamedParams = Sequence[tuple[str, nn.Parameter] | nn.Parameter]
 
 #: Default cap on the number of parameters for a dense Hessian. At 15k parameters a float64
 #: Hessian is 1.8 GB and its eigendecomposition takes minutes on a few CPU cores; above it use
@@ -103,6 +104,17 @@ def resolve_params(model: nn.Module, params: NamedParams | None) -> list[tuple[s
     return out
 
 
+def _twice_differentiable_attention() -> contextlib.AbstractContextManager[None]:
+    """Force ``scaled_dot_product_attention`` (used by ``nn.MultiheadAttention`` and
+    transformers) to its math backend: the fused flash / memory-efficient kernels have no
+    second derivative, the math backend gives the same values and supports double backward."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 @contextlib.contextmanager
 def _preserve_rng_and_buffers(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run a forward pass without side effects on the global RNG or the model's buffers.
@@ -128,6 +140,21 @@ def _preserve_rng_and_buffers(model: nn.Module, device: torch.device) -> Iterato
                         b.data.copy_(old)
 
 
+def _symmetrise_(H: Tensor, block: int = 1024) -> None:
+    """``H <- (H + H^T) / 2`` in place, block by block so no second ``n x n`` copy is made.
+
+    Double backward is exact only up to rounding; eigvalsh needs exact symmetry.
+    """
+    n = H.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            a = H[i : i + block, j : j + block]
+            b = H[j : j + block, i : i + block]
+            avg = (a + b.T) * 0.5
+            a.copy_(avg)
+            b.copy_(avg.T)
+
+
 class HessianVectorProduct:
     """Hessian-vector products of ``loss_fn(model, batch)`` w.r.t. selected parameters.
 
@@ -136,7 +163,9 @@ class HessianVectorProduct:
     The loss is evaluated once, in the model's *current* mode: BatchNorm uses batch statistics
     in train mode and running statistics in eval mode, dropout is active in train mode (its mask
     is drawn once and then fixed for every product). Callers that want the deterministic
-    curvature of the inference function put the model in eval mode first. The model is never
+    curvature of the inference function put the model in eval mode first. During the forward,
+    ``scaled_dot_product_attention`` is restricted to its math backend, because the fused
+    attention kernels have no second derivative. The model is never
     modified: parameters, ``.grad``, ``requires_grad``, the mode, the buffers (restored if the
     forward updated them) and the global RNG state are left as they were.
 
@@ -155,6 +184,10 @@ class HessianVectorProduct:
         params: Parameters to differentiate, from :func:`select_parameters`; default all
             trainable parameters.
         reduce: Optional cross-rank average applied to every returned tensor.
+        batched: Compute block products (:meth:`matmat`, :meth:`dense`) with one vmapped
+            double backward per ``max_batch`` columns (``is_grads_batched``); falls back to a
+            loop of products if the model contains an operation vmap cannot batch.
+        max_batch: Columns per vmapped product (memory grows with it).
 
     Raises:
         ValueError: If the loss is not a scalar or does not depend on the selected parameters.
@@ -175,6 +208,8 @@ class HessianVectorProduct:
         batch: Any,
         params: NamedParams | None = None,
         reduce: Reduce | None = None,
+        batched: bool = True,
+        max_batch: int = 32,
     ) -> None:
         named = resolve_params(model, params)
         self.names: list[str] = [n for n, _ in named]
@@ -186,7 +221,11 @@ class HessianVectorProduct:
         self.dtype: torch.dtype = self._params[0].dtype
         self.device: torch.device = self._params[0].device
 
-        with _preserve_rng_and_buffers(model, self.device), torch.enable_grad():
+        with (
+            _preserve_rng_and_buffers(model, self.device),
+            _twice_differentiable_attention(),
+            torch.enable_grad(),
+        ):
             loss = loss_fn(model, batch)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
@@ -203,7 +242,7 @@ class HessianVectorProduct:
         loss_value = self._apply_reduce(loss.detach())
         if not bool(torch.isfinite(loss_value)):
             raise FloatingPointError(
-                f"the loss is {loss_value.item()} (NaN/inf) on the probe batch, so its Hessian is "
+                f"the loss is NaN/inf ({loss_value.item()}) on the probe batch, so its Hessian is "
                 "undefined; check the model for diverged parameters or pick another batch."
             )
         self.loss: Tensor = loss_value
@@ -221,6 +260,10 @@ class HessianVectorProduct:
         self._grads: list[Tensor | None] | None = list(grads)
         self._diff_index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._gradient: Tensor | None = None
+        # Block products use one vmapped double backward (several times faster than a loop
+        # for small models); None until tried, False if the model has an op vmap rejects.
+        self._batched_ok: bool | None = None if batched else False
+        self.max_batch = max(1, int(max_batch))
 
     # ------------------------------------------------------------------ helpers
     def _apply_reduce(self, t: Tensor) -> Tensor:
@@ -260,10 +303,51 @@ class HessianVectorProduct:
             ]
         ).detach()
 
+    def _matmat_batched(self, V: Tensor) -> Tensor:
+        """``H V`` by one vmapped double backward (``is_grads_batched``)."""
+        grads = self._check_alive()
+        k = V.shape[1]
+        if not self._diff_index:
+            return torch.zeros_like(V)
+        chunks = V.T.split(self._numels, dim=1)
+        outputs = [grads[i] for i in self._diff_index]
+        grad_outputs = [
+            chunks[i].reshape(k, *self._shapes[i]).contiguous() for i in self._diff_index
+        ]
+        with torch.enable_grad(), warnings.catch_warnings():
+            # vmap falls back to a (correct) slow loop for ops without a batching rule.
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            hv = torch.autograd.grad(
+                outputs, self._params, grad_outputs, retain_graph=True, allow_unused=True,
+                is_grads_batched=True,
+            )
+        cols = [
+            (h if h is not None else V.new_zeros(k, *p.shape)).reshape(k, -1)
+            for h, p in zip(hv, self._params)
+        ]
+        return torch.cat(cols, dim=1).T.detach()
+
     def _matmat_raw(self, V: Tensor) -> Tensor:
+        """``H V`` on this rank, without ``reduce``: batched when the model supports it."""
+        k = V.shape[1]
         out = torch.empty_like(V)
-        for j in range(V.shape[1]):
-            out[:, j] = self._hvp_raw(V[:, j])
+        start = 0
+        while start < k:
+            stop = min(k, start + self.max_batch)
+            block = V[:, start:stop]
+            if self._batched_ok is not False and stop - start > 1:
+                try:
+                    out[:, start:stop] = self._matmat_batched(block)
+                    self._batched_ok = True
+                    start = stop
+                    continue
+                except RuntimeError:
+                    if self._batched_ok:  # worked before: a genuine error (e.g. OOM)
+                        raise
+                    self._batched_ok = False
+            for j in range(start, stop):
+                out[:, j] = self._hvp_raw(V[:, j])
+            start = stop
         return out
 
     # ------------------------------------------------------------------ public API
@@ -312,9 +396,9 @@ class HessianVectorProduct:
         return self._apply_reduce(self._matmat_raw(V))
 
     def dense_memory_bytes(self) -> int:
-        """Estimated peak memory of :meth:`dense`: the matrix and its symmetrised copy."""
+        """Estimated peak memory of :meth:`dense` (the matrix; it is symmetrised in place)."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_params**2 * itemsize
+        return self.num_params**2 * itemsize
 
     def check_dense(
         self,
@@ -353,7 +437,8 @@ class HessianVectorProduct:
         max_params: int | None = DEFAULT_MAX_DENSE_PARAMS,
         max_memory_bytes: int | None = DEFAULT_MAX_DENSE_MEMORY_BYTES,
     ) -> Tensor:
-        """Return the full ``(n, n)`` Hessian, one HVP per column, symmetrised, reduced once.
+        """Return the full ``(n, n)`` Hessian: ``n`` products (batched), reduced once,
+        symmetrised in place.
 
         Args:
             max_params: Largest allowed :attr:`num_params` (``None``: no limit).
@@ -371,14 +456,16 @@ class HessianVectorProduct:
         self.check_dense(max_params, max_memory_bytes)
         n = self.num_params
         H = torch.empty(n, n, dtype=self.dtype, device=self.device)
-        e = torch.zeros(n, dtype=self.dtype, device=self.device)
-        for i in range(n):
-            e[i] = 1
-            H[:, i] = self._hvp_raw(e)
-            e[i] = 0
+        eye_block = torch.zeros(n, self.max_batch, dtype=self.dtype, device=self.device)
+        for start in range(0, n, self.max_batch):
+            stop = min(n, start + self.max_batch)
+            block = eye_block[:, : stop - start]
+            block.zero_()
+            block[start:stop] = torch.eye(stop - start, dtype=self.dtype, device=self.device)
+            H[:, start:stop] = self._matmat_raw(block)
         H = self._apply_reduce(H)
-        # Double backward is exact only up to rounding; eigvalsh needs exact symmetry.
-        return (H + H.T).mul_(0.5)
+        _symmetrise_(H)
+        return H
 
     def release(self) -> None:
         """Drop the autograd graph; later products raise ``RuntimeError``.

@@ -423,6 +423,8 @@ class SLQResult:
         num_matvecs: Operator applications used.
         tridiagonals: Per probe, the Lanczos tridiagonal matrix (empty for a probe with no
             component in the projected space).
+        residual_betas: ``(num_probes,)`` the off-diagonal coefficient that would follow each
+            tridiagonal (0 after an invariant subspace); it defines the Gauss-Radau rules.
         scales: ``(num_probes,)`` probe weights ``||P z||^2 / n`` (1 without projection).
     """
 
@@ -431,6 +433,7 @@ class SLQResult:
     n: int
     num_matvecs: int
     tridiagonals: tuple[Tensor, ...] = ()
+    residual_betas: Tensor | None = None
     scales: Tensor | None = None
 
     @property
@@ -444,8 +447,16 @@ class SLQResult:
         if not self.tridiagonals:
             raise ValueError("this SLQResult holds no tridiagonal matrices.")
         scales = self.scales if self.scales is not None else torch.ones(self.num_probes)
+        betas = torch.tensor(
+            [float(T[num_iter, num_iter - 1]) if T.shape[0] > num_iter else 0.0
+             for T in self.tridiagonals], dtype=_F64,
+        )
+        if self.residual_betas is not None:
+            # Runs not longer than num_iter keep their own residual coefficient.
+            short = torch.tensor([T.shape[0] <= num_iter for T in self.tridiagonals])
+            betas = torch.where(short, self.residual_betas, betas)
         return _quadrature(
-            [T[:num_iter, :num_iter] for T in self.tridiagonals], scales, self.n,
+            [T[:num_iter, :num_iter] for T in self.tridiagonals], betas, scales, self.n,
             min(num_iter, self.nodes.shape[1]), 0,
         )
 
@@ -466,11 +477,12 @@ def _multi_lanczos(
     num_iter: int,
     dtype: torch.dtype,
     device: torch.device | str,
-) -> list[Tensor]:
+) -> list[tuple[Tensor, float]]:
     """Independent Lanczos runs (full reorthogonalisation) from the columns of ``Z``, in
     lockstep so that each step is one block product ``matmat``.
 
-    Returns one tridiagonal matrix per column. A run that finds an invariant subspace stops
+    Returns ``(T, beta)`` per column: the tridiagonal matrix and the next off-diagonal
+    coefficient (0 after an invariant subspace). A run that finds an invariant subspace stops
     there: its Gauss rule is then exact and later nodes would carry zero weight.
     """
     n, p = Z.shape
@@ -513,7 +525,7 @@ def _multi_lanczos(
         if k > 1:
             off = betas[i, : k - 1]
             T += torch.diag(off, 1) + torch.diag(off, -1)
-        out.append(T)
+        out.append((T, float(betas[i, k - 1]) if bool(active[i]) else 0.0))
     return out
 
 
@@ -573,29 +585,31 @@ def slq(
         probes = [project(z) for z in probes]
         scales = [float(z @ z) / n for z in probes]
     keep = [i for i in range(num_probes) if scales[i] > 1e-30]
-    tridiagonals: dict[int, Tensor] = {}
+    runs: dict[int, tuple[Tensor, float]] = {}
     num_matvecs = 0
     if matmat is not None:
         for start in range(0, len(keep), max(1, block_size)):
             idx = keep[start : start + max(1, block_size)]
             Z = torch.stack([probes[i] for i in idx], dim=1)
-            for i, T in zip(idx, _multi_lanczos(matmat, Z, m, dtype, device)):
-                tridiagonals[i] = T
-            num_matvecs += len(idx) * max(T.shape[0] for T in tridiagonals.values())
+            block = _multi_lanczos(matmat, Z, m, dtype, device)
+            runs.update(zip(idx, block))
+            num_matvecs += len(idx) * max(T.shape[0] for T, _ in block)
     else:
         for i in keep:
             proc = _LanczosProcess(matvec, n, generator, dtype, device, start=probes[i],
                                    capacity=m)
             proc.extend_until_breakdown(m)
             num_matvecs += proc.num_matvecs
-            tridiagonals[i] = proc.tridiagonal()
-    scales_t = torch.tensor(scales, dtype=_F64)
-    Ts = [tridiagonals.get(i, torch.zeros(0, 0, dtype=_F64)) for i in range(num_probes)]
-    return _quadrature(Ts, scales_t, n, m, num_matvecs)
+            runs[i] = (proc.tridiagonal(), proc.residual_beta)
+    empty = (torch.zeros(0, 0, dtype=_F64), 0.0)
+    Ts = [runs.get(i, empty)[0] for i in range(num_probes)]
+    betas = torch.tensor([runs.get(i, empty)[1] for i in range(num_probes)], dtype=_F64)
+    return _quadrature(Ts, betas, torch.tensor(scales, dtype=_F64), n, m, num_matvecs)
 
 
-def _quadrature(Ts: list[Tensor], scales: Tensor, n: int, m: int, num_matvecs: int
-                ) -> SLQResult:
+def _quadrature(
+    Ts: list[Tensor], betas: Tensor, scales: Tensor, n: int, m: int, num_matvecs: int
+) -> SLQResult:
     """Gauss nodes and weights from Lanczos tridiagonals (Golub & Welsch)."""
     p = len(Ts)
     nodes = torch.zeros(p, m, dtype=_F64)
@@ -608,7 +622,7 @@ def _quadrature(Ts: list[Tensor], scales: Tensor, n: int, m: int, num_matvecs: i
         nodes[i, :k] = theta
         weights[i, :k] = scales[i] * S[0, :] ** 2
     return SLQResult(nodes=nodes, weights=weights, n=n, num_matvecs=num_matvecs,
-                     tridiagonals=tuple(Ts), scales=scales)
+                     tridiagonals=tuple(Ts), residual_betas=betas, scales=scales)
 
 
 def slq_density(
@@ -731,3 +745,92 @@ def slq_count_above(
         raise ValueError(f"threshold must be >= 0, got {threshold}.")
     res = slq(matvec, n, num_probes, num_iter, seed, dtype, device, project)
     return count_from_slq(res, threshold)
+
+
+def _radau_distribution(T: Tensor, beta: float, a: float) -> tuple[float, float]:
+    """Bounds on the spectral distribution function at ``a`` from the Gauss-Radau rule with a
+    node prescribed at ``a`` (Golub 1973; Golub & Meurant, "Matrices, Moments and
+    Quadrature", 2010).
+
+    Returns ``(below, at)``: the Radau weight of the nodes below ``a`` and the weight of the
+    node at ``a``. By the Chebyshev-Markov-Stieltjes inequalities every measure with the same
+    first ``2m`` moments has ``below <= F(a-) <= F(a) <= below + at``.
+    """
+    m = T.shape[0]
+    if m == 0:
+        return 0.0, 0.0
+    if beta == 0.0:
+        # Invariant subspace: the Gauss rule is exact, nothing is uncertain.
+        theta, S = torch.linalg.eigh(T)
+        w = S[0, :] ** 2
+        return float(w[theta < a].sum()), float(w[theta == a].sum())
+    rhs = torch.zeros(m, dtype=_F64)
+    rhs[-1] = beta**2
+    shifted = T - a * torch.eye(m, dtype=_F64)
+    try:
+        delta = torch.linalg.solve(shifted, rhs)
+    except RuntimeError:  # a is exactly a Ritz value: move it by a rounding error
+        delta = torch.linalg.solve(shifted - 1e-13 * max(1.0, abs(a)) * torch.eye(m), rhs)
+    Tr = torch.zeros(m + 1, m + 1, dtype=_F64)
+    Tr[:m, :m] = T
+    Tr[m - 1, m] = Tr[m, m - 1] = beta
+    Tr[m, m] = a + delta[-1]
+    theta, S = torch.linalg.eigh(Tr)
+    w = S[0, :] ** 2
+    j = int((theta - a).abs().argmin())
+    others = torch.ones(m + 1, dtype=torch.bool)
+    others[j] = False
+    return float(w[others & (theta < a)].sum()), float(w[j])
+
+
+@dataclass(frozen=True)
+class SLQRadauCount:
+    """Count of ``|lambda| > threshold`` from Gauss-Radau rules at ``+-threshold``.
+
+    Attributes:
+        estimate: Mean over probes of the midpoint of the moment bounds.
+        standard_error: Standard error of the per-probe midpoints.
+        quadrature_halfwidth: Mean over probes of the half-width of the moment bounds (times
+            ``n``): given the probes' moments no estimate can guarantee less, and the midpoint
+            is never further than this from the probes' exact quadratic forms.
+        per_probe: ``(num_probes,)`` per-probe midpoints.
+        threshold: The absolute threshold.
+    """
+
+    estimate: float
+    standard_error: float
+    quadrature_halfwidth: float
+    per_probe: Tensor
+    threshold: float
+
+
+def radau_count_from_slq(res: SLQResult, threshold: float) -> SLQRadauCount:
+    """Midpoint estimate of ``#{|lambda| > threshold}`` with a quadrature error bound.
+
+    Unlike the Gauss rule, whose count jumps by a node's whole weight when that node crosses
+    the threshold, the midpoint of the Chebyshev-Markov-Stieltjes bounds varies continuously
+    and comes with the width of the bounds as an error scale.
+    """
+    if not res.tridiagonals or res.residual_betas is None:
+        raise ValueError("this SLQResult holds no tridiagonal matrices.")
+    scales = res.scales if res.scales is not None else torch.ones(res.num_probes, dtype=_F64)
+    mids, halves = [], []
+    for i, T in enumerate(res.tridiagonals):
+        beta = float(res.residual_betas[i])
+        if T.shape[0] == 0:
+            mids.append(0.0)
+            halves.append(0.0)
+            continue
+        below_hi, at_hi = _radau_distribution(T, beta, threshold)
+        below_lo, at_lo = _radau_distribution(T, beta, -threshold)
+        # mass(> t) in [1 - below_hi - at_hi, 1 - below_hi]; mass(< -t) in
+        # [below_lo, below_lo + at_lo].
+        mid = (1.0 - below_hi - 0.5 * at_hi) + (below_lo + 0.5 * at_lo)
+        scale = float(scales[i]) * res.n
+        mids.append(scale * min(max(mid, 0.0), 1.0))
+        halves.append(scale * 0.5 * (at_hi + at_lo))
+    per_probe = torch.tensor(mids, dtype=_F64)
+    p = per_probe.numel()
+    se = float(per_probe.std(unbiased=True) / math.sqrt(p)) if p > 1 else 0.0
+    return SLQRadauCount(float(per_probe.mean()), se, float(sum(halves) / max(p, 1)),
+                         per_probe, float(threshold))
