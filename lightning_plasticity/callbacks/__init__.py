@@ -1,5 +1,6 @@
 """Plasticity measurements and plots as Lightning callbacks."""
 
+from lightning_plasticity.callbacks.continual_backprop import ContinualBackprop
 from lightning_plasticity.callbacks.entk import ENTKCallback
 from lightning_plasticity.callbacks.feature_rank import FeatureRankCallback
 from lightning_plasticity.callbacks.gradient_interference import GradientInterferenceCallback
@@ -8,10 +9,17 @@ from lightning_plasticity.callbacks.kfac import KFACCallback
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.parameter_stats import ParameterStatsCallback
 from lightning_plasticity.callbacks.plasticity_probe import PlasticityProbeCallback
+from lightning_plasticity.callbacks.redo import ReDo
+from lightning_plasticity.callbacks.reset_layers import ResetLayers
+from lightning_plasticity.callbacks.shrink_and_perturb import ShrinkAndPerturb
 from lightning_plasticity.callbacks.task_metrics_plot import TaskMetricsPlot
 from lightning_plasticity.callbacks.unit_activity import UnitActivityCallback
 
 __all__ = [
+    "ContinualBackprop",
+    "ReDo",
+    "ResetLayers",
+    "ShrinkAndPerturb",
     "ENTKCallback",
     "FeatureRankCallback",
     "GradientInterferenceCallback",
