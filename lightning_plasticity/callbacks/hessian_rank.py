@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn
+from lightning_plasticity.measures.grad_hessian_overlap import gradient_hessian_overlap
 from lightning_plasticity.measures.hessian_spectrum import hessian_eps_rank
 from lightning_plasticity.measures.hvp import DEFAULT_MAX_DENSE_PARAMS
 from lightning_plasticity.measures.parameter_selection import select_parameters
@@ -36,8 +37,8 @@ class HessianRankCallback(MeasurementCallback):
     Logged under ``curvature/``: ``hessian_eps_rank``, ``hessian_eps_rank_normalized`` (over
     the parameters measured), ``hessian_eps_rank_error`` (0 when exact),
     ``hessian_effective_rank``, ``hessian_top_eigenvalue``, ``hessian_num_params``,
-    ``grad_hessian_overlap``, ``grad_norm``; the top eigenvalues go to the history and to wandb
-    as a histogram.
+    ``grad_hessian_overlap``, ``grad_norm``, ``grad_rayleigh_quotient`` (``g^T H g / ||g||^2``);
+    the top eigenvalues go to the history and to wandb as a histogram.
 
     Args:
         eps: eigenvalue threshold, relative to ``|lambda_max|`` when ``relative`` (default
@@ -168,12 +169,7 @@ class HessianRankCallback(MeasurementCallback):
 
     def _overlap(self, pl_module: pl.LightningModule, batch: Any, params: list,
                  reduce: Callable[[Tensor], Tensor] | None) -> dict[str, float]:
-        from lightning_plasticity.measures.hvp import HessianVectorProduct
-
-        with HessianVectorProduct(pl_module, self.loss_closure(pl_module), batch, params=params,
-                                  reduce=reduce) as hvp:
-            g = hvp.gradient
-            hg = hvp.matvec(g)
-        denom = g.norm() * hg.norm()
-        value = float(g @ hg / denom) if denom > 0 else float("nan")
-        return {"grad_hessian_overlap": value, "grad_norm": float(g.norm())}
+        o = gradient_hessian_overlap(pl_module, self.loss_closure(pl_module), batch,
+                                     params=params, reduce=reduce)
+        return {"grad_hessian_overlap": o.overlap, "grad_norm": o.gradient_norm,
+                "grad_rayleigh_quotient": o.rayleigh_quotient}

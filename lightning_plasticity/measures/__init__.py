@@ -7,6 +7,14 @@ Each function takes a model, a loss and/or a batch and returns tensors; the call
 from lightning_plasticity.measures.entk import EmpiricalNTK, entk
 from lightning_plasticity.measures.feature_rank import FeatureRank, srank
 from lightning_plasticity.measures.feature_rank import feature_rank as feature_rank_of
+from lightning_plasticity.measures.grad_hessian_overlap import (
+    GradientHessianAlignment,
+    GradientHessianOverlap,
+    GradientTopKFraction,
+    gradient_hessian_alignment,
+    gradient_hessian_overlap,
+    gradient_topk_fraction,
+)
 from lightning_plasticity.measures.gradient_interference import (
     GradientInterference,
     gradient_interference,
@@ -52,6 +60,12 @@ __all__ = [
     "snapshot_parameters",
     "srank",
     "unit_activity_of",
+    "GradientHessianAlignment",
+    "GradientHessianOverlap",
+    "GradientTopKFraction",
+    "gradient_hessian_alignment",
+    "gradient_hessian_overlap",
+    "gradient_topk_fraction",
     "EmpiricalNTK",
     "EpsRank",
     "HessianEigenpairs",

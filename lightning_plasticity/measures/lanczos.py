@@ -60,6 +60,13 @@ def _default_tol(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).eps) if dtype.is_floating_point else 1e-8
 
 
+def _basis_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Lanczos vectors are stored in float64 for float64 operators and in float32 otherwise:
+    the products of a float32 operator carry float32 rounding anyway, and the basis is the
+    memory and bandwidth bottleneck."""
+    return _F64 if dtype == _F64 else torch.float32
+
+
 def _generator(seed: int) -> torch.Generator:
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
@@ -72,12 +79,16 @@ def _rademacher(n: int, generator: torch.Generator, device: torch.device | str) 
 
 
 def _orthogonalise(w: Tensor, Q: Tensor) -> Tensor:
-    """Project ``Q``'s column space out of ``w``, twice (classical Gram-Schmidt, "twice is
-    enough" -- Giraud et al.), keeping the Lanczos basis orthogonal to working precision."""
+    """Project ``Q``'s column space out of ``w`` by classical Gram-Schmidt, with a second pass
+    only when the first removed most of ``w`` (the Daniel-Gragg-Kaufman-Stewart criterion), so
+    the basis stays orthogonal to working precision at the cost of about one pass."""
     if Q.shape[1] == 0:
         return w
+    before = w.norm()
     w = w - Q @ (Q.T @ w)
-    return w - Q @ (Q.T @ w)
+    if w.norm() < 0.5 * before:
+        w = w - Q @ (Q.T @ w)
+    return w
 
 
 class _LanczosProcess:
@@ -101,16 +112,17 @@ class _LanczosProcess:
     ) -> None:
         self.matvec, self.n, self.generator = matvec, n, generator
         self.dtype, self.device = dtype, torch.device(device)
-        self.Q = torch.empty(n, min(capacity, n), dtype=_F64, device=self.device)
+        self.bdt = _basis_dtype(dtype)
+        self.Q = torch.empty(n, min(capacity, n), dtype=self.bdt, device=self.device)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}
         self.scale = 0.0  # running max |alpha|, |beta|: the breakdown test is relative to it
         if start is None:
-            q = torch.randn(n, generator=generator, dtype=_F64).to(self.device)
+            q = torch.randn(n, generator=generator, dtype=_F64).to(self.device, self.bdt)
         else:
             if start.shape != (n,):
                 raise ValueError(f"start must have shape ({n},), got {tuple(start.shape)}.")
-            q = start.detach().to(dtype=_F64, device=self.device)
+            q = start.detach().to(dtype=self.bdt, device=self.device)
         norm = float(q.norm())
         if not math.isfinite(norm) or norm == 0.0:
             raise ValueError("the Lanczos start vector must be finite and non-zero.")
@@ -129,7 +141,8 @@ class _LanczosProcess:
 
     def _fresh_direction(self) -> Tensor | None:
         for _ in range(3):
-            r = torch.randn(self.n, generator=self.generator, dtype=_F64).to(self.device)
+            r = torch.randn(self.n, generator=self.generator, dtype=_F64).to(self.device,
+                                                                              self.bdt)
             r = _orthogonalise(r, self.basis)
             norm = float(r.norm())
             if norm > 1e-8:
@@ -148,7 +161,7 @@ class _LanczosProcess:
         target = min(self.n, self.m + steps)
         if target > self.Q.shape[1]:
             grown = torch.empty(
-                self.n, min(self.n, max(target, 2 * self.Q.shape[1])), dtype=_F64,
+                self.n, min(self.n, max(target, 2 * self.Q.shape[1])), dtype=self.bdt,
                 device=self.device,
             )
             grown[:, : self.m] = self.basis
@@ -162,7 +175,7 @@ class _LanczosProcess:
                 self.q = fresh
             j = self.m
             self.Q[:, j] = self.q
-            w = self.matvec(self.q.to(self.dtype)).to(device=self.device, dtype=_F64)
+            w = self.matvec(self.q.to(self.dtype)).to(device=self.device, dtype=self.bdt)
             self.num_matvecs += 1
             alpha = float(self.q @ w)
             if not math.isfinite(alpha):
@@ -170,7 +183,11 @@ class _LanczosProcess:
                     "the operator returned a non-finite product during Lanczos iteration."
                 )
             self.m = j + 1
-            # Full reorthogonalisation subsumes the three-term recurrence.
+            # Three-term recurrence first, so that the full reorthogonalisation only removes
+            # rounding errors and rarely needs its second pass.
+            w = w - alpha * self.q
+            if j > 0 and self.betas[-1] != 0.0:
+                w = w - self.betas[-1] * self.Q[:, j - 1]
             w = _orthogonalise(w, self.basis)
             beta = float(w.norm())
             self.alphas.append(alpha)
@@ -349,7 +366,7 @@ def top_eigenpairs(
                 break
             step = min(max(10, proc.m // 4), max_iter - proc.m)
         vals = theta[idx]
-        vecs = proc.basis @ S[:, idx].to(proc.device)
+        vecs = proc.basis @ S[:, idx].to(proc.device, proc.bdt)
         num = proc.num_matvecs
         est_res = res[idx]
     else:
@@ -424,7 +441,7 @@ class SLQResult:
         tridiagonals: Per probe, the Lanczos tridiagonal matrix (empty for a probe with no
             component in the projected space).
         residual_betas: ``(num_probes,)`` the off-diagonal coefficient that would follow each
-            tridiagonal (0 after an invariant subspace); it defines the Gauss-Radau rules.
+            tridiagonal (0 after an invariant subspace).
         scales: ``(num_probes,)`` probe weights ``||P z||^2 / n`` (1 without projection).
     """
 
@@ -477,9 +494,15 @@ def _multi_lanczos(
     num_iter: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    reorthogonalize: bool = True,
 ) -> list[tuple[Tensor, float]]:
-    """Independent Lanczos runs (full reorthogonalisation) from the columns of ``Z``, in
-    lockstep so that each step is one block product ``matmat``.
+    """Independent Lanczos runs from the columns of ``Z``, in lockstep so that each step is
+    one block product ``matmat``.
+
+    With ``reorthogonalize`` every new vector is orthogonalised against its run's whole basis
+    (``num_iter * n`` numbers per column); without, only the three-term recurrence is used
+    (``O(n)`` memory per column), which loses orthogonality once Ritz values converge but
+    keeps the Gauss quadrature accurate (Knizhnerman 1996; Chen, Trogdon & Ubaru 2021).
 
     Returns ``(T, beta)`` per column: the tridiagonal matrix and the next off-diagonal
     coefficient (0 after an invariant subspace). A run that finds an invariant subspace stops
@@ -487,28 +510,40 @@ def _multi_lanczos(
     """
     n, p = Z.shape
     m = min(num_iter, n)
-    Q = torch.zeros(p, m, n, dtype=_F64, device=device)
+    bdt = _basis_dtype(dtype)
+    Z = Z.to(bdt)
+    Q = torch.zeros(p, m, n, dtype=bdt, device=device) if reorthogonalize else None
     q = (Z / Z.norm(dim=0, keepdim=True)).T.contiguous()  # (p, n)
+    q_prev = torch.zeros_like(q)
     alphas = torch.zeros(p, m, dtype=_F64)
     betas = torch.zeros(p, m, dtype=_F64)
     lengths = [m] * p
     active = torch.ones(p, dtype=torch.bool)
     scale = torch.zeros(p, dtype=_F64)
+    prev_b = torch.zeros(p, dtype=bdt, device=device)
+    j = 0
     for j in range(m):
-        Q[:, j] = q
-        W = matmat(q.T.to(dtype)).to(device=device, dtype=_F64).T.contiguous()  # (p, n)
+        if Q is not None:
+            Q[:, j] = q
+        W = matmat(q.T.to(dtype)).to(device=device, dtype=bdt).T.contiguous()  # (p, n)
         a = (q * W).sum(dim=1)
         if not bool(torch.isfinite(a).all()):
             raise FloatingPointError(
                 "the operator returned a non-finite product during Lanczos iteration."
             )
         alphas[:, j] = a.cpu()
-        Qj = Q[:, : j + 1]
-        for _ in range(2):  # full reorthogonalisation, twice
-            W = W - torch.einsum("pjn,pj->pn", Qj, torch.einsum("pjn,pn->pj", Qj, W))
+        W = W - a.unsqueeze(1) * q - prev_b.unsqueeze(1) * q_prev  # three-term recurrence
+        if Q is not None:
+            # One full reorthogonalisation pass; a second one for the block if any column
+            # lost most of its norm (the DGKS criterion).
+            Qj = Q[:, : j + 1]
+            before = W.norm(dim=1)
+            W = W - torch.bmm(Qj.transpose(1, 2), torch.bmm(Qj, W.unsqueeze(2))).squeeze(2)
+            if bool((W.norm(dim=1) < 0.5 * before).any()):
+                W = W - torch.bmm(Qj.transpose(1, 2), torch.bmm(Qj, W.unsqueeze(2))).squeeze(2)
         b = W.norm(dim=1)
         b_cpu = b.cpu()
-        scale = torch.maximum(scale, torch.maximum(a.abs().cpu(), b_cpu))
+        scale = torch.maximum(scale, torch.maximum(a.abs().cpu(), b_cpu).to(_F64))
         betas[:, j] = b_cpu
         broke = active & (b_cpu <= 1e-12 * scale.clamp_min(1e-300))
         for i in torch.nonzero(broke).flatten().tolist():
@@ -516,8 +551,11 @@ def _multi_lanczos(
         active &= ~broke
         if j == m - 1 or not bool(active.any()):
             break
-        q = torch.where(active.to(device).unsqueeze(1), W / b.clamp_min(1e-300).unsqueeze(1),
+        alive = active.to(device)
+        q_prev = q
+        q = torch.where(alive.unsqueeze(1), W / b.clamp_min(1e-300).unsqueeze(1),
                         torch.zeros_like(W))
+        prev_b = torch.where(alive, b, torch.zeros_like(b))
     out = []
     for i in range(p):
         k = lengths[i] if not bool(active[i]) else min(m, j + 1)
@@ -540,6 +578,7 @@ def slq(
     project: Callable[[Tensor], Tensor] | None = None,
     matmat: MatMat | None = None,
     block_size: int = 8,
+    reorthogonalize: bool = True,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019).
 
@@ -562,7 +601,12 @@ def slq(
             ``block_size`` probes run in lockstep, one block product per step (much faster
             with batched Hessian-vector products). The results are the same up to rounding.
         block_size: Probes per block with ``matmat``. Memory is ``block_size * num_iter * n``
-            float64 numbers.
+            numbers with reorthogonalisation, ``O(block_size * n)`` without.
+        reorthogonalize: Full reorthogonalisation of each probe's Lanczos basis (default).
+            Without it the quadrature stays accurate (Knizhnerman 1996; Chen, Trogdon & Ubaru
+            2021, "Analysis of stochastic Lanczos quadrature for spectrum approximation"),
+            the cost per step no longer grows with the step and memory is ``O(n)`` per probe,
+            but converged Ritz values come with spurious copies that share their weight.
 
     Returns:
         An :class:`SLQResult`.
@@ -587,11 +631,17 @@ def slq(
     keep = [i for i in range(num_probes) if scales[i] > 1e-30]
     runs: dict[int, tuple[Tensor, float]] = {}
     num_matvecs = 0
+    if matmat is None and not reorthogonalize:
+        mv = matvec
+
+        def matmat(X: Tensor) -> Tensor:
+            return torch.stack([mv(X[:, i]) for i in range(X.shape[1])], dim=1)
+
     if matmat is not None:
         for start in range(0, len(keep), max(1, block_size)):
             idx = keep[start : start + max(1, block_size)]
             Z = torch.stack([probes[i] for i in idx], dim=1)
-            block = _multi_lanczos(matmat, Z, m, dtype, device)
+            block = _multi_lanczos(matmat, Z, m, dtype, device, reorthogonalize)
             runs.update(zip(idx, block))
             num_matvecs += len(idx) * max(T.shape[0] for T, _ in block)
     else:
@@ -746,91 +796,3 @@ def slq_count_above(
     res = slq(matvec, n, num_probes, num_iter, seed, dtype, device, project)
     return count_from_slq(res, threshold)
 
-
-def _radau_distribution(T: Tensor, beta: float, a: float) -> tuple[float, float]:
-    """Bounds on the spectral distribution function at ``a`` from the Gauss-Radau rule with a
-    node prescribed at ``a`` (Golub 1973; Golub & Meurant, "Matrices, Moments and
-    Quadrature", 2010).
-
-    Returns ``(below, at)``: the Radau weight of the nodes below ``a`` and the weight of the
-    node at ``a``. By the Chebyshev-Markov-Stieltjes inequalities every measure with the same
-    first ``2m`` moments has ``below <= F(a-) <= F(a) <= below + at``.
-    """
-    m = T.shape[0]
-    if m == 0:
-        return 0.0, 0.0
-    if beta == 0.0:
-        # Invariant subspace: the Gauss rule is exact, nothing is uncertain.
-        theta, S = torch.linalg.eigh(T)
-        w = S[0, :] ** 2
-        return float(w[theta < a].sum()), float(w[theta == a].sum())
-    rhs = torch.zeros(m, dtype=_F64)
-    rhs[-1] = beta**2
-    shifted = T - a * torch.eye(m, dtype=_F64)
-    try:
-        delta = torch.linalg.solve(shifted, rhs)
-    except RuntimeError:  # a is exactly a Ritz value: move it by a rounding error
-        delta = torch.linalg.solve(shifted - 1e-13 * max(1.0, abs(a)) * torch.eye(m), rhs)
-    Tr = torch.zeros(m + 1, m + 1, dtype=_F64)
-    Tr[:m, :m] = T
-    Tr[m - 1, m] = Tr[m, m - 1] = beta
-    Tr[m, m] = a + delta[-1]
-    theta, S = torch.linalg.eigh(Tr)
-    w = S[0, :] ** 2
-    j = int((theta - a).abs().argmin())
-    others = torch.ones(m + 1, dtype=torch.bool)
-    others[j] = False
-    return float(w[others & (theta < a)].sum()), float(w[j])
-
-
-@dataclass(frozen=True)
-class SLQRadauCount:
-    """Count of ``|lambda| > threshold`` from Gauss-Radau rules at ``+-threshold``.
-
-    Attributes:
-        estimate: Mean over probes of the midpoint of the moment bounds.
-        standard_error: Standard error of the per-probe midpoints.
-        quadrature_halfwidth: Mean over probes of the half-width of the moment bounds (times
-            ``n``): given the probes' moments no estimate can guarantee less, and the midpoint
-            is never further than this from the probes' exact quadratic forms.
-        per_probe: ``(num_probes,)`` per-probe midpoints.
-        threshold: The absolute threshold.
-    """
-
-    estimate: float
-    standard_error: float
-    quadrature_halfwidth: float
-    per_probe: Tensor
-    threshold: float
-
-
-def radau_count_from_slq(res: SLQResult, threshold: float) -> SLQRadauCount:
-    """Midpoint estimate of ``#{|lambda| > threshold}`` with a quadrature error bound.
-
-    Unlike the Gauss rule, whose count jumps by a node's whole weight when that node crosses
-    the threshold, the midpoint of the Chebyshev-Markov-Stieltjes bounds varies continuously
-    and comes with the width of the bounds as an error scale.
-    """
-    if not res.tridiagonals or res.residual_betas is None:
-        raise ValueError("this SLQResult holds no tridiagonal matrices.")
-    scales = res.scales if res.scales is not None else torch.ones(res.num_probes, dtype=_F64)
-    mids, halves = [], []
-    for i, T in enumerate(res.tridiagonals):
-        beta = float(res.residual_betas[i])
-        if T.shape[0] == 0:
-            mids.append(0.0)
-            halves.append(0.0)
-            continue
-        below_hi, at_hi = _radau_distribution(T, beta, threshold)
-        below_lo, at_lo = _radau_distribution(T, beta, -threshold)
-        # mass(> t) in [1 - below_hi - at_hi, 1 - below_hi]; mass(< -t) in
-        # [below_lo, below_lo + at_lo].
-        mid = (1.0 - below_hi - 0.5 * at_hi) + (below_lo + 0.5 * at_lo)
-        scale = float(scales[i]) * res.n
-        mids.append(scale * min(max(mid, 0.0), 1.0))
-        halves.append(scale * 0.5 * (at_hi + at_lo))
-    per_probe = torch.tensor(mids, dtype=_F64)
-    p = per_probe.numel()
-    se = float(per_probe.std(unbiased=True) / math.sqrt(p)) if p > 1 else 0.0
-    return SLQRadauCount(float(per_probe.mean()), se, float(sum(halves) / max(p, 1)),
-                         per_probe, float(threshold))
