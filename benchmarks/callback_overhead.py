@@ -3,7 +3,8 @@
 Runs ``lightning-plasticity fit --config recipes/quickstart.yaml`` as a subprocess, once plain and
 once with the given callbacks appended (``--trainer.callbacks+=<Name>``), alternating for
 ``--repeats`` rounds so both see the same machine load, and prints the ratio of the best wall
-times. The runs write into a temporary folder. Target for ``HessianRankCallback``: <= 1.10.
+times and the extra time per task in units of one task's share of the plain wall time. The runs
+write into a temporary folder. Target for ``HessianRankCallback``: <= 1.10.
 
 Usage::
 
@@ -21,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +40,7 @@ def run_recipe(extra: list[str], workdir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--callbacks", nargs="+", default=["HessianRankCallback"])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     extra = [f"--trainer.callbacks+={name}" for name in args.callbacks]
     plain, measured = [], []
@@ -48,6 +51,12 @@ def main() -> None:
     print(f"quickstart recipe, best of {args.repeats} (s): plain {min(plain):.1f}, "
           f"with {' + '.join(args.callbacks)} {min(measured):.1f}")
     print(f"ratio with / without: {min(measured) / min(plain):.3f}")
+    config = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
+    tasks = config["data"]["init_args"]["num_tasks"]
+    extra_per_task = (min(measured) - min(plain)) / tasks
+    share = min(plain) / tasks
+    print(f"extra time per task: {extra_per_task:.3f} s = {extra_per_task / share:.3f} of one "
+          f"task's share of the plain wall time ({share:.3f} s, incl. start-up)")
 
 
 if __name__ == "__main__":

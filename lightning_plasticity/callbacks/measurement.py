@@ -111,7 +111,13 @@ class MeasurementCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**self._state_key_args())
+        # Lightning reads it for every hook call (profiler names), so compute it once: the
+        # arguments it is built from are fixed after __init__.
+        key = self.__dict__.get("_cached_state_key")
+        if key is None:
+            key = self.__dict__["_cached_state_key"] = self._generate_state_key(
+                **self._state_key_args())
+        return key
 
     def _state_key_args(self) -> dict[str, Any]:
         return {"probe_size": self.probe_size, "every_n_train_steps": self.every_n_train_steps}
