@@ -11,6 +11,7 @@ their parameter's device and dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -174,14 +175,26 @@ def _spectrum(activation: Tensor) -> tuple[Tensor, Tensor]:
     a = activation.reshape(activation.shape[0], -1)
     if not a.is_floating_point() or a.dtype in (torch.float16, torch.bfloat16):
         a = a.float()  # eigvalsh needs single or double precision
+    if not bool(torch.isfinite(a).all()):
+        raise FloatingPointError(
+            "the layer inputs contain NaN or inf, so their effective rank is undefined; training "
+            "has diverged (lower the learning rate or the regularization coefficient).")
     n, d = a.shape
     # Under autocast the matmul would run in half precision, too coarse for a spectrum.
     with torch.autocast(device_type=a.device.type, enabled=False):
         # E[a a^T] = A^T A / n (d x d) and A A^T / n (n x n) share their nonzero eigenvalues;
-        # the smaller one is cheaper and has fewer (numerically noisy) zero eigenvalues.
-        gram = (a.T @ a if d <= n else a @ a.T) / n
+        # the smaller one is cheaper and has fewer (numerically noisy) zero eigenvalues. The
+        # eigensolver runs in float64: float32 syevd fails to converge on the near-degenerate
+        # spectra of layers with many dead units (seen in a 50-task MNIST run).
+        a64 = a.double()
+        gram = (a64.T @ a64 if d <= n else a64 @ a64.T) / n
         gram = (gram + gram.T) / 2  # exactly symmetric for eigvalsh's backward
-        return torch.linalg.eigvalsh(gram), gram.diagonal().sum()
+        try:
+            eigenvalues = torch.linalg.eigvalsh(gram)
+        except torch.linalg.LinAlgError:
+            # Last resort: the squared singular values of A / sqrt(n) (divide and conquer SVD).
+            eigenvalues = torch.linalg.svdvals(a64 / math.sqrt(n)).square().flip(0)
+        return eigenvalues.to(a.dtype), gram.diagonal().sum().to(a.dtype)
 
 
 def _entropy_rank(eigenvalues: Tensor, total: Tensor, eps: float | None) -> Tensor:

@@ -146,6 +146,30 @@ def test_effective_rank_closed_forms_and_degenerate_inputs() -> None:
     assert torch.equal(g, torch.zeros_like(g))
 
 
+def test_effective_rank_of_mostly_dead_float32_layer_is_finite() -> None:
+    # A ReLU layer after loss of plasticity: most units dead (exactly zero columns), the live
+    # ones nearly collinear. The spectrum is degenerate; value and gradient must stay finite.
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 1, generator=g)
+    live = base + 1e-6 * torch.randn(256, 12, generator=g)
+    a = torch.cat([live.relu() * 1e3, torch.zeros(256, 116)], dim=1).requires_grad_(True)
+    value = second_moment_effective_rank(a)
+    (grad,) = grads(value, [a])
+    assert value.dtype == torch.float32
+    assert 1.0 <= value.item() < 2.0
+    assert torch.isfinite(grad).all()
+    reference = effective_rank(torch.linalg.svdvals(a.detach().double()).square())
+    # The float32 floor on p (machine epsilon) adds at most eps * |log eps| per clamped value.
+    assert value.item() == pytest.approx(float(reference), rel=1e-3)
+
+
+def test_effective_rank_of_non_finite_inputs_says_training_diverged() -> None:
+    a = torch.ones(8, 3)
+    a[2, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="diverged"):
+        effective_rank_penalty([a])
+
+
 def test_effective_rank_penalty_reductions() -> None:
     acts = tensors(9, [(6, 3), (6, 8)])
     expected_sum = -sum(erank_reference(a) for a in acts)
