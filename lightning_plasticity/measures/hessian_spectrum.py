@@ -47,6 +47,7 @@ __all__ = [
     "HessianEigenpairs",
     "SpectralDensity",
     "effective_rank",
+    "eps_rank_of_matrix",
     "hessian_eigenvalues",
     "hessian_eps_rank",
     "spectral_density",
@@ -215,12 +216,45 @@ def _eps_rank_dense(
     hvp: HessianVectorProduct, eps: float, relative: bool, max_params: int | None,
     max_memory_bytes: int | None,
 ) -> EpsRank:
-    n = hvp.num_params
     hvp.check_dense(max_params, max_memory_bytes, extra_bytes=_dense_eig_extra_bytes(hvp))
-    # eigvalsh runs in float64: counting eigenvalues 1e-3 below the top one must not be
-    # decided by float32 rounding.
     H = hvp.dense(max_params=None, max_memory_bytes=None)
-    H = H.to(_F64)  # the float32 matrix is freed here
+    return eps_rank_of_matrix(H, eps, relative, loss=float(hvp.loss))
+
+
+def eps_rank_of_matrix(
+    H: Tensor, eps: float = 1e-3, relative: bool = True, *, loss: float = float("nan"),
+) -> EpsRank:
+    """The exact eps-rank of a symmetric matrix, e.g. a dense Hessian from
+    :meth:`HessianVectorProduct.dense`: ``torch.linalg.eigvalsh`` in float64, then the count of
+    ``|lambda| > threshold`` as in :func:`hessian_eps_rank` (``method="dense"``).
+
+    It is the second half of the dense method, split off so that a caller can build the
+    matrix (which needs the model, and collectives under DDP) and run the ``O(n^3)``
+    eigensolve elsewhere, e.g. on a background thread while training goes on.
+
+    Args:
+        H: ``(n, n)`` symmetric matrix (float32 or float64).
+        eps: Threshold, relative to ``|lambda_max|`` or absolute (``> 0``).
+        relative: Whether ``eps`` is relative to the largest-magnitude eigenvalue.
+        loss: The loss the matrix is the Hessian of, recorded in the result.
+
+    Returns:
+        An :class:`EpsRank` with ``method="dense"`` and ``error_estimate=0``.
+
+    Example::
+
+        with HessianVectorProduct(model, loss_fn, (x, y)) as hvp:
+            H = hvp.dense()
+        eps_rank_of_matrix(H, eps=1e-3).eps_rank
+    """
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a positive finite number, got {eps}.")
+    if H.dim() != 2 or H.shape[0] != H.shape[1] or H.shape[0] == 0:
+        raise ValueError(f"H must be a non-empty square matrix, got shape {tuple(H.shape)}.")
+    n = H.shape[0]
+    # eigvalsh runs in float64: counting eigenvalues 1e-3 below the top one must not be
+    # decided by the eigensolver's float32 rounding.
+    H = H.to(_F64)
     ev = torch.linalg.eigvalsh(H).cpu()
     del H
     ev = ev[torch.argsort(ev.abs(), descending=True)]
@@ -239,7 +273,7 @@ def _eps_rank_dense(
         eigenvalues=ev,
         eps=eps,
         relative=relative,
-        loss=float(hvp.loss),
+        loss=loss,
         num_matvecs=n,
     )
 

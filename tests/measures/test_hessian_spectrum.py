@@ -8,6 +8,7 @@ from torch.func import functional_call, hessian
 
 from lightning_plasticity.measures.hessian_spectrum import (
     effective_rank,
+    eps_rank_of_matrix,
     hessian_eigenvalues,
     hessian_eps_rank,
     spectral_density,
@@ -315,3 +316,19 @@ def test_spectral_density_integrates_to_one():
     se = math.sqrt(2 * float((off**2).sum()) / 30) / n
     assert abs(mean - float(torch.trace(H)) / n) < 4 * se
     assert d.num_params == n and d.nodes.shape == (30, 20)
+
+
+def test_eps_rank_of_matrix_on_a_known_spectrum() -> None:
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    lam = torch.cat([torch.tensor([-8.0, 5.0, 2.0]), torch.full((37,), 1e-3)]).double()
+    H = Q @ torch.diag(lam) @ Q.T
+    r = eps_rank_of_matrix(H, eps=0.1)  # threshold 0.8
+    assert (r.eps_rank, r.num_params, r.method, r.error_estimate) == (3.0, 40, "dense", 0.0)
+    assert r.top_eigenvalue == pytest.approx(-8.0, rel=1e-12)
+    assert r.threshold == pytest.approx(0.8, rel=1e-12)
+    assert eps_rank_of_matrix(H.float(), eps=1e-4, relative=False).eps_rank == 40.0
+    p = lam.abs() / lam.abs().sum()
+    assert r.effective_rank == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-10)
+    with pytest.raises(ValueError, match="square"):
+        eps_rank_of_matrix(torch.zeros(3, 2))
