@@ -31,6 +31,18 @@ def test_print_config_resolves_short_class_names(capsys: pytest.CaptureFixture[s
     assert "class_path: lightning_plasticity.callbacks.TaskMetricsPlot" in out
 
 
+@pytest.mark.parametrize("recipe", ["l2_init", "diagnostics"])
+def test_other_recipes_resolve(recipe: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(REPO / "recipes" / f"{recipe}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "lightning_plasticity.data.ContinualDataModule" in out
+    if recipe == "diagnostics":
+        for name in ("HessianRankCallback", "PlasticityProbeCallback", "MeasurementsPlot"):
+            assert f"class_path: lightning_plasticity.callbacks.{name}" in out
+
+
 def test_quickstart_recipe_runs_and_writes_its_plot(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("lightning-plasticity")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}

@@ -7,6 +7,7 @@ from lightning_plasticity.callbacks.gradient_interference import GradientInterfe
 from lightning_plasticity.callbacks.hessian_rank import HessianRankCallback
 from lightning_plasticity.callbacks.kfac import KFACCallback
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.callbacks.measurements_plot import MeasurementsPlot
 from lightning_plasticity.callbacks.parameter_stats import ParameterStatsCallback
 from lightning_plasticity.callbacks.plasticity_probe import PlasticityProbeCallback
 from lightning_plasticity.callbacks.redo import ReDo
@@ -27,6 +28,7 @@ __all__ = [
     "KFACCallback",
     "MeasurementCallback",
     "MeasurementSkipped",
+    "MeasurementsPlot",
     "ParameterStatsCallback",
     "PlasticityProbeCallback",
     "TaskMetricsPlot",

@@ -1,0 +1,65 @@
+"""MeasurementsPlot: collects the task history and every measurement history, writes a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_plasticity.callbacks import (
+    MeasurementsPlot,
+    ParameterStatsCallback,
+    UnitActivityCallback,
+)
+from tests.callbacks.helpers import small_classifier, small_stream
+from tests.data.helpers import fast_trainer
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_accuracy_and_measurements_against_tasks(tmp_path: Path) -> None:
+    units = UnitActivityCallback(probe_size=16, on_task_end=True)
+    plot = MeasurementsPlot(dirpath=tmp_path)
+    trainer = fast_trainer(callbacks=[units, ParameterStatsCallback(), plot],
+                           limit_val_batches=0)
+    trainer.fit(small_classifier(), datamodule=small_stream(num_tasks=3))
+    assert plot.last_path == tmp_path / "measurements.png"
+    assert plot.last_path.read_bytes()[:8] == PNG
+    series = MeasurementsPlot.series(trainer)
+    # x is in tasks (step / steps_per_task): starts at 0, 1, 2 and ends at 1, 2, 3.
+    assert [x for x, _ in series["units/dead_fraction"]["task start"]] == [0.0, 1.0, 2.0]
+    assert [x for x, _ in series["units/dead_fraction"]["task end"]] == [1.0, 2.0, 3.0]
+    assert [x for x, _ in series["task/end_accuracy"]["task end"]] == [1.0, 2.0, 3.0]
+    values = [v for _, v in series["units/dead_fraction"]["task start"]]
+    assert values == [h["units/dead_fraction"] for h in units.history
+                      if h["event"] == "task_start"]
+    assert "params/total/norm" in series
+
+
+def test_chosen_metrics_missing_ones_warn_and_nothing_to_plot_warns(tmp_path: Path) -> None:
+    plot = MeasurementsPlot(metrics=["task/online_accuracy", "units/dead_fraction"],
+                            dirpath=tmp_path, filename="mine.png")
+    with pytest.warns(UserWarning, match=r"nothing measured yet for \['units/dead_fraction'\]"):
+        fast_trainer(callbacks=[plot], limit_val_batches=0).fit(
+            small_classifier(), datamodule=small_stream(num_tasks=2))
+    assert (tmp_path / "mine.png").read_bytes()[:8] == PNG
+    empty = MeasurementsPlot(metrics=["units/dead_fraction"], dirpath=tmp_path / "empty")
+    with pytest.warns(UserWarning, match="no measurements to plot"):
+        fast_trainer(callbacks=[empty], limit_val_batches=0).fit(
+            small_classifier(), datamodule=small_stream(num_tasks=2))
+    assert empty.last_path is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"filename": "plot.jpg"}, "must end with .png"),
+        ({"every_n_tasks": 0}, "every_n_tasks must be >= 1"),
+        ({"ncols": 0}, "ncols must be >= 1"),
+        ({"metrics": "units/dead_fraction"}, "must be a list of names"),
+        ({"metrics": ["dead_fraction"]}, "must be a list of names"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MeasurementsPlot(**kwargs)
