@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_plasticity.callbacks.figure import FigureCallback
 from lightning_plasticity.callbacks.measurement import MeasurementCallback
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: What is plotted by default, in this order, when measured: the symptom first, then the
 #: mechanisms the seeds tie to it.
@@ -36,7 +37,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
 )
 
 
-class MeasurementsPlot(Callback):
+class MeasurementsPlot(FigureCallback):
     """Plots task-end accuracy and the measurement callbacks' histories in one figure.
 
     One panel per metric, all against training progress in tasks (the step divided by the
@@ -74,11 +75,7 @@ class MeasurementsPlot(Callback):
         every_n_tasks: int | None = None,
         ncols: int = 3,
     ) -> None:
-        if not filename.endswith(".png"):
-            raise ValueError(f"MeasurementsPlot: filename must end with .png, got {filename!r}.")
-        if every_n_tasks is not None and every_n_tasks < 1:
-            raise ValueError(
-                f"MeasurementsPlot: every_n_tasks must be >= 1 or None, got {every_n_tasks}.")
+        super().__init__(filename=filename, dirpath=dirpath, every_n_tasks=every_n_tasks)
         if ncols < 1:
             raise ValueError(f"MeasurementsPlot: ncols must be >= 1, got {ncols}.")
         if metrics is not None and (isinstance(metrics, str) or not all(
@@ -86,18 +83,7 @@ class MeasurementsPlot(Callback):
             raise ValueError("MeasurementsPlot: metrics must be a list of names like "
                              f"'units/dead_fraction' or 'task/end_accuracy', got {metrics!r}.")
         self.metrics = None if metrics is None else list(metrics)
-        self.filename, self.every_n_tasks, self.ncols = filename, every_n_tasks, ncols
-        self.dirpath = None if dirpath is None else Path(dirpath)
-        self.last_path: Path | None = None
-
-    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                    task_id: int) -> None:
-        if self.every_n_tasks is not None and (task_id + 1) % self.every_n_tasks == 0:
-            self._write(trainer, log_to_wandb=False)
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write(trainer, log_to_wandb=True)
+        self.ncols = ncols
 
     @staticmethod
     def series(trainer: pl.Trainer) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -138,8 +124,12 @@ class MeasurementsPlot(Callback):
                         add(key, event.replace("_", " "), x, value)
         return out
 
-    @rank_zero_only
-    def _write(self, trainer: pl.Trainer, log_to_wandb: bool) -> None:
+    @property
+    def wandb_key(self) -> str:
+        return "measurements_plot"
+
+    @override
+    def draw(self, trainer: pl.Trainer) -> Figure | None:
         series = self.series(trainer)
         if self.metrics is None:
             names = [m for m in DEFAULT_METRICS if m in series]
@@ -152,10 +142,7 @@ class MeasurementsPlot(Callback):
         if not names:
             rank_zero_warn("MeasurementsPlot: no measurements to plot; add measurement "
                            "callbacks or a ContinualDataModule.")
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
+            return None
         import matplotlib.pyplot as plt
 
         ncols = min(self.ncols, len(names))
@@ -176,17 +163,4 @@ class MeasurementsPlot(Callback):
         for ax in list(axes.flat)[len(names):]:
             ax.set_visible(False)
         fig.tight_layout()
-        folder = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self.filename
-        fig.savefig(path)
-        plt.close(fig)
-        self.last_path = path
-        if log_to_wandb:
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key="measurements_plot", images=[str(path)])
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+        return fig

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_plasticity.callbacks.figure import FigureCallback
 
-class TaskMetricsPlot(Callback):
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+class TaskMetricsPlot(FigureCallback):
     """Plots a metric of :attr:`ContinualDataModule.task_history` against the task index.
 
     The figure is written at the end of fit (and every ``every_n_tasks`` tasks, if given) into
@@ -41,33 +43,20 @@ class TaskMetricsPlot(Callback):
         dirpath: str | os.PathLike | None = None,
         every_n_tasks: int | None = None,
     ) -> None:
-        if not filename.endswith(".png"):
-            raise ValueError(f"filename must end with .png, got {filename!r}.")
-        if every_n_tasks is not None and every_n_tasks < 1:
-            raise ValueError(f"every_n_tasks must be >= 1 or None, got {every_n_tasks}.")
-        self.metric, self.filename, self.every_n_tasks = metric, filename, every_n_tasks
-        self.dirpath = None if dirpath is None else Path(dirpath)
-        self.last_path: Path | None = None
+        super().__init__(filename=filename, dirpath=dirpath, every_n_tasks=every_n_tasks)
+        self.metric = metric
 
-    def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                    task_id: int) -> None:
-        if self.every_n_tasks is not None and (task_id + 1) % self.every_n_tasks == 0:
-            self._write(trainer, log_to_wandb=False)
+    @property
+    def wandb_key(self) -> str:
+        return f"task/{self.metric}_plot"
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write(trainer, log_to_wandb=True)
-
-    @rank_zero_only
-    def _write(self, trainer: pl.Trainer, log_to_wandb: bool) -> None:
+    def draw(self, trainer: pl.Trainer) -> Figure | None:
         history: list[dict[str, Any]] = getattr(trainer.datamodule, "task_history", None) or []
         points = [(int(h["task"]), float(h[self.metric])) for h in history if self.metric in h]
         if not points:
             rank_zero_warn(f"TaskMetricsPlot: no {self.metric!r} in the task history; no plot.")
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
+            return None
         import matplotlib.pyplot as plt
 
         tasks, values = zip(*points)
@@ -88,17 +77,4 @@ class TaskMetricsPlot(Callback):
                      else self.metric.replace("_", " "))
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        folder = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / self.filename
-        fig.savefig(path)
-        plt.close(fig)
-        self.last_path = path
-        if log_to_wandb:
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image(key=f"task/{self.metric}_plot", images=[str(path)])
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {}
+        return fig

@@ -1,4 +1,4 @@
-"""MeasurementsPlot: collects the task history and every measurement history, writes a PNG."""
+"""TaskMetricsPlot and MeasurementsPlot: what they collect, where they write, bad arguments."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from lightning_plasticity.callbacks import (
     MeasurementsPlot,
     ParameterStatsCallback,
+    TaskMetricsPlot,
     UnitActivityCallback,
 )
 from tests.callbacks.helpers import small_classifier, small_stream
@@ -50,6 +51,27 @@ def test_chosen_metrics_missing_ones_warn_and_nothing_to_plot_warns(tmp_path: Pa
     assert empty.last_path is None
 
 
+def test_task_metrics_plot_writes_every_n_tasks_and_at_the_end(tmp_path: Path) -> None:
+    class Spy(TaskMetricsPlot):
+        def draw(self, trainer):  # noqa: ANN001, ANN201
+            self.drawn.append(len(trainer.datamodule.task_history))
+            return super().draw(trainer)
+
+    plot = Spy(metric="end_loss", filename="loss.png", dirpath=tmp_path, every_n_tasks=2)
+    plot.drawn = []
+    fast_trainer(callbacks=[plot], limit_val_batches=0).fit(
+        small_classifier(), datamodule=small_stream(num_tasks=4))
+    # After tasks 2 and 4 (the task's own record is added before its end event), and at the end.
+    assert plot.drawn == [2, 4, 4]
+    assert plot.last_path == tmp_path / "loss.png" and plot.last_path.read_bytes()[:8] == PNG
+    assert plot.wandb_key == "task/end_loss_plot"
+    missing = TaskMetricsPlot(metric="nonexistent", dirpath=tmp_path / "none")
+    with pytest.warns(UserWarning, match="no 'nonexistent' in the task history"):
+        fast_trainer(callbacks=[missing], limit_val_batches=0).fit(
+            small_classifier(), datamodule=small_stream(num_tasks=1))
+    assert missing.last_path is None
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -63,3 +85,6 @@ def test_chosen_metrics_missing_ones_warn_and_nothing_to_plot_warns(tmp_path: Pa
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MeasurementsPlot(**kwargs)
+    if "metrics" not in kwargs and "ncols" not in kwargs:
+        with pytest.raises(ValueError, match=message):
+            TaskMetricsPlot(**kwargs)
