@@ -180,9 +180,18 @@ class MeasurementCallback(Callback):
         try:
             with measurement_context(pl_module):
                 metrics = self.compute(trainer, pl_module, batch, self._reduce_fn(trainer))
-        except (MeasurementSkipped, ValueError, FloatingPointError) as err:
-            # These come from checks made before any collective, identically on every rank.
-            self._warn_once(f"skipped the measurement ({err})")
+        except (MeasurementSkipped, ValueError, FloatingPointError,
+                torch.linalg.LinAlgError) as err:
+            # Checks made before any collective, or a local eigensolve of an all-reduced matrix:
+            # identical on every rank, so every rank skips together.
+            self._warn_once(f"skipped the measurement ({type(err).__name__}: {err})")
+            return None
+        except Exception as err:
+            if trainer.world_size > 1:
+                # Maybe on this rank only, between collectives: going on could leave another
+                # rank waiting forever, so fail loudly instead.
+                raise
+            self._warn_once(f"skipped the measurement ({type(err).__name__}: {err})")
             return None
         spectra = {f"{self.prefix}/{k.split(':', 1)[1]}": v.detach().cpu()
                    for k, v in list(metrics.items()) if k.startswith("spectrum:")}

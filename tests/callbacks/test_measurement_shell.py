@@ -19,6 +19,7 @@ from lightning_plasticity.callbacks import (
     ParameterStatsCallback,
     UnitActivityCallback,
 )
+from lightning_plasticity.callbacks.measurement import MeasurementCallback
 from lightning_plasticity.callbacks.probe import module_loss
 from tests.callbacks.helpers import LoggingModule, small_classifier, small_stream
 from tests.data.helpers import fast_trainer, flat_params
@@ -144,3 +145,24 @@ def test_measurement_under_validation_inference_mode() -> None:
         fast_trainer(callbacks=[cb], limit_val_batches=1).fit(
             small_classifier(), datamodule=small_stream(num_tasks=1))
     assert len(cb.inner.history) == 2
+
+
+class Failing(MeasurementCallback):
+    """A measurement whose computation fails the way a numerical library can."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(probe_size=8)
+        self.error = error
+
+    def compute(self, trainer, pl_module, batch, reduce):  # noqa: ANN001, ANN201
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [torch.linalg.LinAlgError("eigh did not converge"),
+                                   RuntimeError("out of memory"), KeyError("missing")])
+def test_a_failing_computation_warns_once_and_training_goes_on(error: Exception) -> None:
+    cb = Failing(error)
+    with pytest.warns(UserWarning, match=f"skipped the measurement \\({type(error).__name__}"):
+        trainer = fast_trainer(callbacks=[cb], limit_val_batches=0)
+        trainer.fit(small_classifier(), datamodule=small_stream(num_tasks=3))
+    assert trainer.global_step == 15 and cb.history == []
