@@ -8,7 +8,7 @@ run's output).
 
 Usage::
 
-    .venv/bin/python benchmarks/plasticity_study.py --tasks 50 --jobs 2
+    .venv/bin/python benchmarks/plasticity_study.py --tasks 50 --seeds 0 1 2 --jobs 2
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ def mnist_root() -> str:
     for train in (True, False):
         MNIST(str(root), train=train, download=True)
     return str(root)
+
+
+def run_job(job: tuple[str, int, dict[str, Any]]) -> tuple[str, int, list[float], float]:
+    method, seed, args = job
+    _, accs, wall = run(method, {**args, "seed": seed})
+    return method, seed, accs, wall
 
 
 def run(method: str, args: dict[str, Any]) -> tuple[str, list[float], float]:
@@ -101,33 +107,47 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=2000)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="one run per method and seed; the table averages over seeds")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--out", type=Path, default=None,
                         help="folder for the per-task accuracies (JSON) and their plot (PNG)")
     args = vars(parser.parse_args())
     args["data_dir"] = mnist_root()
-    results = []
+    jobs = [(m, seed, args) for m in args["methods"] for seed in args["seeds"]]
+    accs: dict[str, dict[int, list[float]]] = {m: {} for m in args["methods"]}
+    walls: dict[str, list[float]] = {m: [] for m in args["methods"]}
     with ProcessPoolExecutor(args["jobs"]) as pool:
-        for method, accs, wall in pool.map(run, args["methods"], [args] * len(args["methods"])):
-            print(f"done: {method} ({wall:.0f} s)", flush=True)
-            results.append((method, accs, wall))
-    print(f"label-permuted MNIST, {args['tasks']} tasks x {args['steps']} Adam steps "
+        for method, seed, acc, wall in pool.map(run_job, jobs):
+            print(f"done: {method} seed {seed} ({wall:.0f} s)", flush=True)
+            accs[method][seed], walls[method] = acc, [*walls[method], wall]
+    seeds = args["seeds"]
+    print(f"\nlabel-permuted MNIST, {args['tasks']} tasks x {args['steps']} Adam steps "
           f"(lr {args['lr']}, batch 64, {args['subset']} images per task), ReLU MLP "
-          f"784-{args['width']}-{args['width']}-10, seed {args['seed']}\n")
-    print("| method | first 10 tasks | last 10 tasks | change | wall (s) |")
-    print("|---|---|---|---|---|")
-    for method, accs, wall in results:
-        first, last = sum(accs[:10]) / 10, sum(accs[-10:]) / 10
-        print(f"| {method} | {first:.3f} | {last:.3f} | {last - first:+.3f} | {wall:.0f} |")
+          f"784-{args['width']}-{args['width']}-10, seeds {seeds}; mean task-end accuracy over "
+          "the first and the last 10 tasks, averaged over seeds\n")
+    print("| method | first 10 tasks | last 10 tasks | change | last 10 per seed | wall (s) |")
+    print("|---|---|---|---|---|---|")
+    for method in args["methods"]:
+        firsts = [_mean(accs[method][s][:10]) for s in seeds]
+        lasts = [_mean(accs[method][s][-10:]) for s in seeds]
+        first, last = sum(firsts) / len(seeds), sum(lasts) / len(seeds)
+        per_seed = ", ".join(f"{v:.3f}" for v in lasts)
+        print(f"| {method} | {first:.3f} | {last:.3f} | {last - first:+.3f} | {per_seed} | "
+              f"{sum(walls[method]) / len(walls[method]):.0f} |")
     if args["out"] is not None:
-        write_curves(args["out"], results, {k: v for k, v in args.items() if k != "out"})
+        write_curves(args["out"], accs, {k: v for k, v in args.items() if k != "out"})
 
 
-def write_curves(out: Path, results: list[tuple[str, list[float], float]],
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def write_curves(out: Path, accs: dict[str, dict[int, list[float]]],
                  settings: dict[str, Any]) -> None:
-    """Save the per-task task-end accuracies as JSON and plot them, one line per method."""
+    """Save the per-task task-end accuracies (per method and seed) as JSON and plot their
+    mean over seeds, one line per method."""
     import json
 
     import matplotlib
@@ -138,12 +158,16 @@ def write_curves(out: Path, results: list[tuple[str, list[float], float]],
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in settings.items() if k != "data_dir"}
     (out / "plasticity_study.json").write_text(json.dumps(
-        {"settings": settings, "end_accuracy": {m: a for m, a, _ in results}}, indent=1))
+        {"settings": settings,
+         "end_accuracy": {m: {str(s): a for s, a in runs.items()} for m, runs in accs.items()}},
+        indent=1))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for method, accs, _ in results:
-        ax.plot(range(1, len(accs) + 1), accs, label=method, lw=1.2)
+    for method, runs in accs.items():
+        mean = [sum(v) / len(v) for v in zip(*runs.values())]
+        ax.plot(range(1, len(mean) + 1), mean, label=method, lw=1.2)
     ax.set(xlabel="task", ylabel="task-end accuracy",
-           title="label-permuted MNIST: task-end accuracy per task")
+           title=f"label-permuted MNIST: task-end accuracy, mean of {len(settings['seeds'])} "
+                 "seed(s)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "plasticity_study.png", dpi=120)
