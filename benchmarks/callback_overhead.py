@@ -10,6 +10,8 @@ Usage::
 
     .venv/bin/python benchmarks/callback_overhead.py                       # HessianRankCallback
     .venv/bin/python benchmarks/callback_overhead.py --callbacks KFACCallback ENTKCallback
+    .venv/bin/python benchmarks/callback_overhead.py \
+        --cli-arg=--trainer.callbacks.init_args.every_n_tasks=5
 """
 
 from __future__ import annotations
@@ -41,15 +43,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--callbacks", nargs="+", default=["HessianRankCallback"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cli-arg", action="append", default=[],
+                        help="extra CLI argument for the measured run, e.g. "
+                             "--cli-arg=--trainer.callbacks.init_args.every_n_tasks=5 (applies to "
+                             "the last callback)")
     args = parser.parse_args()
-    extra = [f"--trainer.callbacks+={name}" for name in args.callbacks]
+    extra = [f"--trainer.callbacks+={name}" for name in args.callbacks] + args.cli_arg
     plain, measured = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             plain.append(run_recipe([], Path(tmp)))
             measured.append(run_recipe(extra, Path(tmp)))
     print(f"quickstart recipe, best of {args.repeats} (s): plain {min(plain):.1f}, "
-          f"with {' + '.join(args.callbacks)} {min(measured):.1f}")
+          f"with {' + '.join(args.callbacks)} {' '.join(args.cli_arg)} {min(measured):.1f}")
     print(f"ratio with / without: {min(measured) / min(plain):.3f}")
     config = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     tasks = config["data"]["init_args"]["num_tasks"]
