@@ -39,7 +39,6 @@ this, which leaves rank, condition number and interference unchanged). For a lin
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,13 +54,12 @@ from lightning_plasticity.measures.kfac import (
     _output_positions,
     _usable_input,
 )
+from lightning_plasticity.measures.parameter_selection import NamedParams, model_parameters
 from lightning_plasticity.measures.spectral_stats import condition_number, eps_count
 
 __all__ = ["EmpiricalNTK", "entk"]
 
 ENTKMethod = Literal["auto", "per_layer", "jacobian"]
-#: A parameter selection as returned by ``select_parameters`` (bare parameters are accepted).
-NamedParams = Sequence[tuple[str, nn.Parameter] | nn.Parameter]
 
 # Default cap on the number of Jacobian entries (n * C * params) held at once by the jacobian
 # method: 2**26 float32 entries are 256 MiB.
@@ -92,31 +90,6 @@ class EmpiricalNTK:
     interference: float
     num_outputs: int
     method: str
-
-
-def _resolve_params(model: nn.Module, params: NamedParams | None) -> list[tuple[str, nn.Parameter]]:
-    """``(qualified_name, parameter)`` pairs, deduplicated, in the caller's order."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    if params is None:
-        selected = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    else:
-        selected, seen = [], set()
-        for i, item in enumerate(params):
-            p = item[1] if isinstance(item, tuple) else item
-            if not isinstance(p, Tensor) or id(p) not in names:
-                raise ValueError(
-                    f"params[{i}] is not a parameter of the model; pass parameters of `model` "
-                    "or the result of select_parameters(model, ...)."
-                )
-            if id(p) not in seen:
-                seen.add(id(p))
-                selected.append((names[id(p)], p))
-    if not selected:
-        raise ValueError(
-            "no parameters to differentiate: the model has no trainable parameters or `params` "
-            "is empty."
-        )
-    return selected
 
 
 @dataclass(frozen=True)
@@ -385,7 +358,7 @@ def entk(
         raise ValueError(f"method must be 'auto', 'per_layer' or 'jacobian', got {method!r}.")
     if rtol is not None and rtol < 0:
         raise ValueError(f"rtol must be nonnegative, got {rtol}.")
-    selected = _resolve_params(model, params)
+    selected = model_parameters(model, params)
 
     kernel: Tensor | None = None
     used = "jacobian"

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_plasticity.measures.hvp import _preserve_rng_and_buffers
+from lightning_plasticity.measures.parameter_selection import NamedParams, model_parameters
 
 __all__ = [
     "GradientInterference",
@@ -50,8 +51,6 @@ __all__ = [
 
 #: ``loss_fn(model_output, target)`` for a batch of one example, a scalar (or one element).
 ExampleLossFn = Callable[[Tensor, Tensor], Tensor]
-#: A parameter selection as returned by ``select_parameters`` (``(name, parameter)`` pairs).
-NamedParams = Sequence[tuple[str, nn.Parameter]]
 
 
 @dataclass(frozen=True)
@@ -94,30 +93,6 @@ class GradientInterference:
             "mean_grad_norm": float(self.grad_norms.mean()) if self.grad_norms.numel() else 0.0,
         }
         return {k: v for k, v in out.items() if not math.isnan(v)}
-
-
-def _selected(model: nn.Module, params: NamedParams | None) -> list[tuple[str, nn.Parameter]]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    if params is None:
-        selected = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    else:
-        selected, seen = [], set()
-        for i, item in enumerate(params):
-            p = item[1] if isinstance(item, tuple) else item
-            if not isinstance(p, Tensor) or id(p) not in names:
-                raise ValueError(
-                    f"params[{i}] is not a parameter of the model; pass the result of "
-                    "select_parameters(model, ...)."
-                )
-            if id(p) not in seen:
-                seen.add(id(p))
-                selected.append((names[id(p)], p))
-    if not selected:
-        raise ValueError(
-            "no parameters to differentiate: the model has no trainable parameters or `params` "
-            "is empty."
-        )
-    return selected
 
 
 def per_example_gradients(
@@ -166,7 +141,7 @@ def per_example_gradients(
             f"inputs have {inputs.shape[0]} examples but targets {targets.shape[0]}; pass one "
             "target per input."
         )
-    selected = _selected(model, params)
+    selected = model_parameters(model, params)
     chosen = {n: p.detach() for n, p in selected}
     fixed = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
     buffers = {n: b.detach() for n, b in model.named_buffers()}

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_plasticity.measures.parameter_selection import select_parameters
+from lightning_plasticity.measures.parameter_selection import NamedParams, select_parameters
 
 __all__ = [
     "DEFAULT_MAX_DENSE_MEMORY_BYTES",
@@ -33,8 +33,6 @@ __all__ = [
 LossFn = Callable[[nn.Module, Any], Tensor]
 #: Averages a tensor across DDP ranks (all_reduce then divide by the world size), or ``None``.
 Reduce = Callable[[Tensor], Tensor]
-#: A parameter selection as returned by :func:`select_parameters` (bare parameters are accepted).
-NamedParams = Sequence[tuple[str, nn.Parameter] | nn.Parameter]
 
 #: Default cap on the number of parameters for a dense Hessian. At 15k parameters a float64
 #: Hessian is 1.8 GB and its eigendecomposition takes minutes on a few CPU cores; above it use

@@ -12,9 +12,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["select_parameters"]
+__all__ = ["NamedParams", "model_parameters", "select_parameters"]
+
+#: A ``params`` argument: the list :func:`select_parameters` returns, or bare parameters.
+NamedParams = Sequence[tuple[str, nn.Parameter] | nn.Parameter]
 
 # How many module names to list in an error message before eliding the rest.
 _MAX_NAMES_IN_ERROR = 12
@@ -131,3 +134,43 @@ def select_parameters(
         for _, m in layers[-last_n_layers:]:
             wanted.update(id(p) for p in m.parameters(recurse=False) if p.requires_grad)
     return [(n, p) for n, p in all_trainable if id(p) in wanted]
+
+
+def model_parameters(
+    model: nn.Module, params: NamedParams | None,
+) -> list[tuple[str, nn.Parameter]]:
+    """``(qualified_name, parameter)`` pairs of ``model``, deduplicated, in the caller's order.
+
+    Args:
+        model: The model the parameters must belong to.
+        params: ``None`` for all trainable parameters, or a selection from
+            :func:`select_parameters` (bare parameters are accepted and named).
+
+    Raises:
+        ValueError: On an item that is not a parameter of ``model``, or an empty selection.
+
+    Example::
+
+        model_parameters(model, select_parameters(model, last_n_layers=1))
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    if params is None:
+        selected = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    else:
+        selected, seen = [], set()
+        for i, item in enumerate(params):
+            p = item[1] if isinstance(item, tuple) else item
+            if not isinstance(p, Tensor) or id(p) not in names:
+                raise ValueError(
+                    f"params[{i}] is not a parameter of the model; pass parameters of `model` "
+                    "or the result of select_parameters(model, ...)."
+                )
+            if id(p) not in seen:
+                seen.add(id(p))
+                selected.append((names[id(p)], p))
+    if not selected:
+        raise ValueError(
+            "no parameters to differentiate: the model has no trainable parameters or `params` "
+            "is empty."
+        )
+    return selected
