@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, hessian
 
 from lightning_plasticity.measures.grad_hessian_overlap import (
     gradient_hessian_alignment,
@@ -12,6 +11,7 @@ from lightning_plasticity.measures.grad_hessian_overlap import (
     gradient_topk_fraction,
 )
 from lightning_plasticity.measures.parameter_selection import select_parameters
+from tests.measures.references import reference_hessian
 
 DT = torch.float64
 
@@ -30,19 +30,8 @@ def ce_loss(model, batch):
 
 
 def reference(model, batch, names=None):
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    names = list(params) if names is None else names
-    shapes = [params[n].shape for n in names]
-    flat0 = torch.cat([params[n].reshape(-1) for n in names])
-
-    def f(flat):
-        chunks = flat.split([s.numel() for s in shapes])
-        full = dict(params)
-        full.update({n: c.view(s) for n, c, s in zip(names, chunks, shapes)})
-        return ce_loss(lambda *a: functional_call(model, full, a), batch)
-
-    H = hessian(f)(flat0)
-    return (H + H.T) / 2, grad(f)(flat0)
+    H, g = reference_hessian(model, ce_loss, batch, names)
+    return (H + H.T) / 2, g
 
 
 def state(model):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, hessian
+from torch.func import hessian
 
 from lightning_plasticity.measures.hessian_spectrum import (
     effective_rank,
@@ -14,6 +14,7 @@ from lightning_plasticity.measures.hessian_spectrum import (
     spectral_density,
 )
 from lightning_plasticity.measures.parameter_selection import select_parameters
+from tests.measures.references import reference_hessian
 
 DT = torch.float64
 
@@ -50,19 +51,6 @@ def mlp_case(seed: int = 0):
 
 def ce_loss(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
-
-
-def reference_hessian(model, loss_fn, batch):
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    shapes = [p.shape for p in params.values()]
-    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
-
-    def f(flat):
-        chunks = flat.split([s.numel() for s in shapes])
-        full = {n: c.view(s) for n, c, s in zip(params, chunks, shapes)}
-        return loss_fn(lambda *a: functional_call(model, full, a), batch)
-
-    return hessian(f)(flat0)
 
 
 def snapshot(model):
@@ -161,7 +149,7 @@ def test_lanczos_eps_rank_with_a_spectral_gap_uses_slq():
 
 def test_dense_eps_rank_matches_torch_func_on_mlp():
     model, batch = mlp_case()
-    H = reference_hessian(model, ce_loss, batch)
+    H = reference_hessian(model, ce_loss, batch)[0]
     ev = torch.linalg.eigvalsh((H + H.T) / 2)
     top = float(ev.abs().max())
     r = hessian_eps_rank(model, ce_loss, batch, eps=1e-3, method="dense")
@@ -293,7 +281,7 @@ def test_hessian_eigenvalues_on_quadratic(which):
 
 def test_hessian_eigenvalues_on_mlp_match_dense():
     model, batch = mlp_case(1)
-    H = reference_hessian(model, ce_loss, batch)
+    H = reference_hessian(model, ce_loss, batch)[0]
     ev = torch.linalg.eigvalsh((H + H.T) / 2)
     top = hessian_eigenvalues(model, ce_loss, batch, k=4)
     torch.testing.assert_close(top.eigenvalues, ev.flip(0)[:4], rtol=1e-8, atol=1e-10)
@@ -305,7 +293,7 @@ def test_hessian_eigenvalues_on_mlp_match_dense():
 # ----------------------------------------------------------------------------- density
 def test_spectral_density_integrates_to_one():
     model, batch = mlp_case(2)
-    H = reference_hessian(model, ce_loss, batch)
+    H = reference_hessian(model, ce_loss, batch)[0]
     snap = snapshot(model)
     d = spectral_density(model, ce_loss, batch, num_probes=30, num_iter=20, grid=2000)
     assert_unchanged(model, snap)
