@@ -59,13 +59,13 @@ class ENTKCallback(MeasurementCallback):
         self.method = method
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = self.inputs_of(batch)
         if not isinstance(x, Tensor):
             raise MeasurementSkipped("the eNTK needs a tensor of inputs as the batch's first item")
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = self.inputs_of(batch)
         result = entk(pl_module, x, method=self.method)
         return {
             "entk_rank": result.rank,
