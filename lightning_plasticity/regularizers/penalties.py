@@ -174,7 +174,7 @@ def _spectrum(activation: Tensor) -> tuple[Tensor, Tensor]:
                          f"n >= 1 examples, got shape {tuple(activation.shape)}.")
     a = activation.reshape(activation.shape[0], -1)
     if not a.is_floating_point() or a.dtype in (torch.float16, torch.bfloat16):
-        a = a.float()  # eigvalsh needs single or double precision
+        a = a.float()  # the result comes back in float32 for half-precision and integer inputs
     if not bool(torch.isfinite(a).all()):
         raise FloatingPointError(
             "the layer inputs contain NaN or inf, so their effective rank is undefined; training "
