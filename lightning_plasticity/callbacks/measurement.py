@@ -113,11 +113,9 @@ class MeasurementCallback(Callback):
     def state_key(self) -> str:
         # Lightning reads it for every hook call (profiler names), so compute it once: the
         # arguments it is built from are fixed after __init__.
-        key = self.__dict__.get("_cached_state_key")
-        if key is None:
-            key = self.__dict__["_cached_state_key"] = self._generate_state_key(
-                **self._state_key_args())
-        return key
+        if getattr(self, "_cached_state_key", None) is None:
+            self._cached_state_key = self._generate_state_key(**self._state_key_args())
+        return self._cached_state_key
 
     def _state_key_args(self) -> dict[str, Any]:
         return {"probe_size": self.probe_size, "every_n_train_steps": self.every_n_train_steps}
@@ -180,14 +178,12 @@ class MeasurementCallback(Callback):
         try:
             with measurement_context(pl_module):
                 metrics = self.compute(trainer, pl_module, batch, self._reduce_fn(trainer))
-        except (MeasurementSkipped, ValueError, FloatingPointError,
-                torch.linalg.LinAlgError) as err:
-            # Checks made before any collective, or a local eigensolve of an all-reduced matrix:
-            # identical on every rank, so every rank skips together.
-            self._warn_once(f"skipped the measurement ({type(err).__name__}: {err})")
-            return None
         except Exception as err:
-            if trainer.world_size > 1:
+            # These come from checks made before any collective or from a local eigensolve of
+            # an all-reduced matrix: identical on every rank, so every rank skips together.
+            same_on_all_ranks = isinstance(err, (MeasurementSkipped, ValueError,
+                                                 FloatingPointError, torch.linalg.LinAlgError))
+            if trainer.world_size > 1 and not same_on_all_ranks:
                 # Maybe on this rank only, between collectives: going on could leave another
                 # rank waiting forever, so fail loudly instead.
                 raise
