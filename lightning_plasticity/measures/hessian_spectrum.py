@@ -154,7 +154,7 @@ class EpsRank:
         threshold: The absolute threshold used (``eps`` or ``eps * |top_eigenvalue|``).
         error_estimate: 0 for dense; for Lanczos, an error scale for ``eps_rank`` combining
             the Monte Carlo standard error of the SLQ part and its quadrature uncertainty
-            (the Gauss weight of Ritz nodes next to the threshold) -- see
+            (the spread of the count over Lanczos depths) -- see
             :func:`hessian_eps_rank`.
         method: ``"dense"`` or ``"lanczos"``.
         eigenvalues: float64, descending by magnitude: all eigenvalues (dense) or the
