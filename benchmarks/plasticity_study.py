@@ -44,13 +44,10 @@ def mnist_root() -> str:
     return str(root)
 
 
-def run_job(job: tuple[str, int, dict[str, Any]]) -> tuple[str, int, list[float], float]:
+def run(job: tuple[str, int, dict[str, Any]]) -> tuple[str, int, list[float], float]:
+    """Train one method on one seed's stream; return its task-end accuracies and wall time."""
     method, seed, args = job
-    _, accs, wall = run(method, {**args, "seed": seed})
-    return method, seed, accs, wall
-
-
-def run(method: str, args: dict[str, Any]) -> tuple[str, list[float], float]:
+    args = {**args, "seed": seed}
     import logging
 
     import lightning.pytorch as pl
@@ -97,7 +94,7 @@ def run(method: str, args: dict[str, Any]) -> tuple[str, list[float], float]:
     pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
                callbacks=callbacks).fit(cls(**module_kwargs), datamodule=dm)
-    return method, [h["end_accuracy"] for h in dm.task_history], time.perf_counter() - start
+    return method, seed, [h["end_accuracy"] for h in dm.task_history], time.perf_counter() - start
 
 
 def main() -> None:
@@ -119,7 +116,7 @@ def main() -> None:
     accs: dict[str, dict[int, list[float]]] = {m: {} for m in args["methods"]}
     walls: dict[str, list[float]] = {m: [] for m in args["methods"]}
     with ProcessPoolExecutor(args["jobs"]) as pool:
-        for method, seed, acc, wall in pool.map(run_job, jobs):
+        for method, seed, acc, wall in pool.map(run, jobs):
             print(f"done: {method} seed {seed} ({wall:.0f} s)", flush=True)
             accs[method][seed], walls[method] = acc, [*walls[method], wall]
     seeds = args["seeds"]
