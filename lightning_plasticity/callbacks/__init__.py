@@ -1,6 +1,5 @@
 """Plasticity measurements and plots as Lightning callbacks."""
 
-from lightning_plasticity.callbacks.continual_backprop import ContinualBackprop
 from lightning_plasticity.callbacks.entk import ENTKCallback
 from lightning_plasticity.callbacks.feature_rank import FeatureRankCallback
 from lightning_plasticity.callbacks.gradient_interference import GradientInterferenceCallback
@@ -10,11 +9,14 @@ from lightning_plasticity.callbacks.measurement import MeasurementCallback, Meas
 from lightning_plasticity.callbacks.measurements_plot import MeasurementsPlot
 from lightning_plasticity.callbacks.parameter_stats import ParameterStatsCallback
 from lightning_plasticity.callbacks.plasticity_probe import PlasticityProbeCallback
-from lightning_plasticity.callbacks.redo import ReDo
-from lightning_plasticity.callbacks.reset_layers import ResetLayers
-from lightning_plasticity.callbacks.shrink_and_perturb import ShrinkAndPerturb
 from lightning_plasticity.callbacks.task_metrics_plot import TaskMetricsPlot
 from lightning_plasticity.callbacks.unit_activity import UnitActivityCallback
+
+# From the submodules, not the package: see lightning_plasticity/interventions/__init__.py.
+from lightning_plasticity.interventions.continual_backprop import ContinualBackprop
+from lightning_plasticity.interventions.redo import ReDo
+from lightning_plasticity.interventions.reset_layers import ResetLayers
+from lightning_plasticity.interventions.shrink_and_perturb import ShrinkAndPerturb
 
 __all__ = [
     "ContinualBackprop",

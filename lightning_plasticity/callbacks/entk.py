@@ -8,7 +8,9 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.callbacks.measurement import MeasurementCallback
+from lightning_plasticity.callbacks.probe import ModuleLossFn
+from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.measures.entk import entk
 
 
@@ -24,6 +26,9 @@ class ENTKCallback(MeasurementCallback):
     Logged under ``curvature/``: ``entk_rank``, ``entk_condition_number``, ``entk_interference``,
     ``entk_top_eigenvalue``, ``entk_trace``.
 
+    The outputs are the head's (the last trainable layer the module's own loss calls), recorded
+    while that loss runs on the probe batch, so no ``forward`` is needed.
+
     Under DDP every rank computes the kernel of the whole probe batch (it is small, and the
     n x n kernel cannot be split into per-rank sums), so all ranks agree without a collective.
 
@@ -31,7 +36,7 @@ class ENTKCallback(MeasurementCallback):
         method: ``"auto"``, ``"per_layer"`` (fast formula for Linear/Conv2d models) or
             ``"jacobian"`` (torch.func, any module).
         probe_size: examples in the probe batch (the kernel is ``probe_size`` squared).
-        on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
+        loss_fn, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
             :class:`MeasurementCallback`.
 
     Example::
@@ -45,12 +50,13 @@ class ENTKCallback(MeasurementCallback):
         self,
         method: Literal["auto", "per_layer", "jacobian"] = "auto",
         probe_size: int = 64,
+        loss_fn: ModuleLossFn | None = None,
         on_task_start: bool = True,
         on_task_end: bool = False,
         every_n_train_steps: int | None = None,
         every_n_tasks: int = 1,
     ) -> None:
-        super().__init__(probe_size=probe_size, on_task_start=on_task_start,
+        super().__init__(probe_size=probe_size, loss_fn=loss_fn, on_task_start=on_task_start,
                          on_task_end=on_task_end, every_n_train_steps=every_n_train_steps,
                          every_n_tasks=every_n_tasks)
         if method not in ("auto", "per_layer", "jacobian"):
@@ -58,15 +64,10 @@ class ENTKCallback(MeasurementCallback):
                 f"ENTKCallback: method must be auto, per_layer or jacobian, got {method!r}.")
         self.method = method
 
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        x = self.inputs_of(batch)
-        if not isinstance(x, Tensor):
-            raise MeasurementSkipped("the eNTK needs a tensor of inputs as the batch's first item")
-
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
-        x = self.inputs_of(batch)
-        result = entk(pl_module, x, method=self.method)
+        model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
+        result = entk(model, batch, method=self.method)
         return {
             "entk_rank": result.rank,
             "entk_condition_number": result.condition_number,

@@ -2,37 +2,27 @@
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.callbacks.probe import ModuleLossFn, record_loss_pass
+from lightning_plasticity.core.layers import match_modules, parameterised_layers
 from lightning_plasticity.measures.feature_rank import feature_rank
-
-
-def _capture_input(module: nn.Module, target: nn.Module, inputs: Any) -> Tensor:
-    captured: list[Tensor] = []
-    handle = target.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            module(inputs)
-    finally:
-        handle.remove()
-    if not captured:
-        raise MeasurementSkipped("the feature layer was not called by forward()")
-    return captured[-1].flatten(1)
 
 
 class FeatureRankCallback(MeasurementCallback):
     """Tracks the rank of a representation on a probe batch (Kumar et al. 2021; Lyle et al. 2022).
 
-    The features are the inputs of the last ``nn.Linear`` of the module (its penultimate
-    representation), or the inputs of the module named by ``layer``. Definitions
-    (:func:`lightning_plasticity.measures.feature_rank.feature_rank`): effective rank
+    The features are the inputs of the module's head, the last layer with trainable parameters
+    that its own loss calls (its penultimate representation), or the inputs of the module named
+    by ``layer``; they are recorded during one pass of the module's loss on the probe batch, so
+    no ``forward`` is needed. Token features ``(n, T, d)`` count every token as a sample.
+    Definitions (:func:`lightning_plasticity.measures.feature_rank.feature_rank`): effective rank
     ``exp(H(p))`` with ``p = sigma / sum(sigma)`` (Roy and Vetterli 2007); ``srank_delta``, the
     smallest ``k`` with ``sum_{i<=k} sigma_i / sum(sigma) >= 1 - delta`` (Kumar et al. 2021;
     ``squared=True`` uses ``sigma^2`` as other implementations do); feature rank, the number of
@@ -45,12 +35,12 @@ class FeatureRankCallback(MeasurementCallback):
     ``feature_norm``; the singular values go to the history and to wandb.
 
     Args:
-        layer: fnmatch name of the module whose *input* is the representation (default: the last
-            ``nn.Linear``).
+        layer: fnmatch name of the module whose *input* is the representation (default: the
+            head).
         delta: srank's ``delta``.
         squared: srank on squared singular values.
         eps: feature-rank threshold (see the measure for its scaling).
-        probe_size, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
+        probe_size, loss_fn, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
             :class:`MeasurementCallback`.
 
     Example::
@@ -67,12 +57,13 @@ class FeatureRankCallback(MeasurementCallback):
         squared: bool = False,
         eps: float = 0.01,
         probe_size: int = 512,
+        loss_fn: ModuleLossFn | None = None,
         on_task_start: bool = True,
         on_task_end: bool = False,
         every_n_train_steps: int | None = None,
         every_n_tasks: int = 1,
     ) -> None:
-        super().__init__(probe_size=probe_size, on_task_start=on_task_start,
+        super().__init__(probe_size=probe_size, loss_fn=loss_fn, on_task_start=on_task_start,
                          on_task_end=on_task_end, every_n_train_steps=every_n_train_steps,
                          every_n_tasks=every_n_tasks)
         if not 0 < delta < 1 or eps <= 0:
@@ -83,26 +74,26 @@ class FeatureRankCallback(MeasurementCallback):
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "layer": self.layer, "squared": self.squared}
 
-    def _target(self, pl_module: pl.LightningModule) -> nn.Module:
+    def _target(self, pl_module: pl.LightningModule, batch: Any) -> str:
         if self.layer is None:
-            linears = [m for m in pl_module.modules() if isinstance(m, nn.Linear)]
-            if not linears:
-                raise MeasurementSkipped("the module has no nn.Linear; pass layer=")
-            return linears[-1]
-        names = [n for n, _ in pl_module.named_modules() if n]
-        matches = [m for n, m in pl_module.named_modules() if n and fnmatch.fnmatchcase(n,
-                                                                                    self.layer)]
-        if not matches:
-            raise MeasurementSkipped(f"layer={self.layer!r} matches no submodule; available: "
-                                     f"{', '.join(names[:12])}")
-        return matches[-1]
-
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        self._target(pl_module)
+            return self.head_name(pl_module, batch)
+        try:
+            return list(match_modules(pl_module, [self.layer]))[-1]
+        except ValueError as err:
+            raise MeasurementSkipped(f"layer={self.layer!r}: {err}") from err
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
-        features = _capture_input(pl_module, self._target(pl_module), self.inputs_of(batch))
+        name = self._target(pl_module, batch)
+        layers = parameterised_layers(pl_module)
+        module = layers.get(name) or dict(pl_module.named_modules())[name]
+        with torch.no_grad():
+            record = record_loss_pass(pl_module, batch, self.loss_fn, {name: module})
+        calls = [c for c in record.calls if c.input is not None]
+        if not calls:
+            raise MeasurementSkipped(f"the feature layer {name!r} was not called by the loss")
+        x = calls[-1].input
+        features = x.reshape(-1, x.shape[-1]) if x.dim() == 3 else x.flatten(1)
         result = feature_rank(features, delta=self.delta, squared=self.squared, eps=self.eps,
                               reduce_sum=self._reduce_sum_fn(trainer))
         return {"effective_rank": result.effective_rank, "srank": result.srank,

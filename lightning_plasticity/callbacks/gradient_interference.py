@@ -6,17 +6,16 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
-from lightning_plasticity.measures.gradient_interference import gradient_interference
-
-
-def _default_example_loss(output: Tensor, target: Tensor) -> Tensor:
-    if target.is_floating_point():
-        return F.mse_loss(output, target.reshape(output.shape).to(output.dtype))
-    return F.cross_entropy(output, target)
+from lightning_plasticity.callbacks.probe import ModuleLossFn, module_loss
+from lightning_plasticity.core.record import HeadOutput
+from lightning_plasticity.measures.gradient_interference import (
+    gradient_interference_from_gram,
+    per_example_gradient_gram,
+)
+from lightning_plasticity.measures.parameter_selection import select_parameters
 
 
 class GradientInterferenceCallback(MeasurementCallback):
@@ -27,15 +26,19 @@ class GradientInterferenceCallback(MeasurementCallback):
     mean off-diagonal cosine means updates on one input move all others alike; a low rank of the
     gradient matrix means the network can only move in few directions.
 
-    The per-example loss is cross-entropy for integer targets and mean squared error otherwise,
-    or ``example_loss_fn(output, target)``. Under DDP every rank computes the matrix of the
-    whole probe batch (no collective).
+    The per-example loss is the module's own loss (``loss_fn``, ``plasticity_loss`` or
+    ``training_step``) on the probe batch sliced to that one example, so any batch structure and
+    any loss (multi-label BCE, regression, a custom objective) is measured as trained; for a
+    loss that averages over the batch this is exactly the example's loss. Or, with
+    ``example_loss_fn(output, target)``, that function of the head output and the batch's
+    second item. ``n`` backward passes; the ``n x P`` gradients are held at once. Under DDP
+    every rank computes the matrix of the whole probe batch (no collective).
 
     Logged under ``grads/``: ``mean_cosine``, ``rank``, ``rank_fraction``.
 
     Args:
-        example_loss_fn: loss of one example's output and target.
-        probe_size, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
+        example_loss_fn: optional loss of one example's head output and target.
+        probe_size, loss_fn, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
             :class:`MeasurementCallback`.
 
     Example::
@@ -50,22 +53,39 @@ class GradientInterferenceCallback(MeasurementCallback):
         self,
         example_loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
         probe_size: int = 64,
+        loss_fn: ModuleLossFn | None = None,
         on_task_start: bool = True,
         on_task_end: bool = False,
         every_n_train_steps: int | None = None,
         every_n_tasks: int = 1,
     ) -> None:
-        super().__init__(probe_size=probe_size, on_task_start=on_task_start,
+        super().__init__(probe_size=probe_size, loss_fn=loss_fn, on_task_start=on_task_start,
                          on_task_end=on_task_end, every_n_train_steps=every_n_train_steps,
                          every_n_tasks=every_n_tasks)
-        self.example_loss_fn = example_loss_fn or _default_example_loss
+        if example_loss_fn is not None and not callable(example_loss_fn):
+            raise ValueError("GradientInterferenceCallback: example_loss_fn must be "
+                             "callable(output, target).")
+        self.example_loss_fn = example_loss_fn
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-            raise MeasurementSkipped("gradient interference needs (inputs, targets) batches")
+        if self.example_loss_fn is not None and not (isinstance(batch, (tuple, list))
+                                                     and len(batch) >= 2):
+            raise MeasurementSkipped("example_loss_fn needs (inputs, targets, ...) batches; "
+                                     "leave it unset to use the module's own loss")
+        super().check(trainer, pl_module, batch)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
-        result = gradient_interference(pl_module, self.example_loss_fn, batch[0], batch[1])
+        params = [p for _, p in select_parameters(pl_module)]
+        if self.example_loss_fn is None:
+            def loss_of(sub: Any) -> Tensor:
+                return module_loss(pl_module, sub, self.loss_fn)
+        else:
+            head = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
+
+            def loss_of(sub: Any) -> Tensor:
+                return self.example_loss_fn(head(sub), sub[1]).sum()
+        gram, num_params, dtype = per_example_gradient_gram(loss_of, batch, params)
+        result = gradient_interference_from_gram(gram, dtype=dtype, num_params=num_params)
         return {"mean_cosine": result.mean_cosine, "rank": result.rank,
                 "rank_fraction": result.rank_fraction}

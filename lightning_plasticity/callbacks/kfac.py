@@ -10,7 +10,11 @@ from torch import Tensor, nn
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn
+from lightning_plasticity.core.batch import tensor_leaves
+from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.measures.kfac import kfac_eps_rank, kfac_factors
+
+_PREFIX = "module."
 
 
 class KFACCallback(MeasurementCallback):
@@ -26,14 +30,18 @@ class KFACCallback(MeasurementCallback):
     parameters covered) and, per layer, ``kfac_feature_effective_rank/<layer>`` (the effective
     rank of ``A``: the feature term of L2-ER).
 
-    The probe batch must be ``(inputs, targets, ...)`` and the module's ``forward(inputs)`` must
-    return the outputs the loss is computed on.
+    The loss is the module's own (``loss_fn``, ``plasticity_loss`` or ``training_step``) and the
+    output is its head's (the last trainable layer the loss calls), recorded during that pass:
+    no ``forward`` is needed and any batch structure works. ``H_n``, the Hessian of the loss
+    w.r.t. example ``n``'s head output, comes from double backpropagation, assuming (as the GGN
+    does) that the loss sums per-example terms. ``loss="cross_entropy"``/``"mse"`` instead use
+    that closed form on the head output (needed for ``mode="mc"``).
 
     Args:
         eps: eigenvalue threshold; relative to the largest KFAC eigenvalue when ``relative``.
         relative: whether ``eps`` is relative.
         mode: ``"exact"`` (exact GGN factor, one backward per output) or ``"mc"`` (sampled).
-        loss: ``"cross_entropy"``, ``"mse"`` or ``"auto"`` (cross-entropy for integer targets).
+        loss: ``"module"`` (the module's own loss, default), ``"cross_entropy"`` or ``"mse"``.
         probe_size, loss_fn, on_task_start, on_task_end, every_n_train_steps, every_n_tasks:
             see :class:`MeasurementCallback`.
 
@@ -48,7 +56,7 @@ class KFACCallback(MeasurementCallback):
         eps: float = 1e-6,
         relative: bool = True,
         mode: Literal["exact", "mc"] = "exact",
-        loss: Literal["auto", "cross_entropy", "mse"] = "auto",
+        loss: Literal["module", "cross_entropy", "mse"] = "module",
         probe_size: int = 256,
         loss_fn: ModuleLossFn | None = None,
         on_task_start: bool = True,
@@ -63,30 +71,29 @@ class KFACCallback(MeasurementCallback):
             raise ValueError(f"KFACCallback: eps must be > 0, got {eps}.")
         if mode not in ("exact", "mc"):
             raise ValueError(f"KFACCallback: mode must be 'exact' or 'mc', got {mode!r}.")
-        if loss not in ("auto", "cross_entropy", "mse"):
+        if loss not in ("module", "cross_entropy", "mse"):
             raise ValueError(
-                f"KFACCallback: loss must be auto, cross_entropy or mse, got {loss!r}.")
+                f"KFACCallback: loss must be module, cross_entropy or mse, got {loss!r}.")
+        if mode == "mc" and loss == "module":
+            raise ValueError("KFACCallback: mode='mc' samples targets from the predictive "
+                             "distribution, which needs loss='cross_entropy' or loss='mse'.")
         self.eps, self.relative, self.mode, self.loss_kind = eps, relative, mode, loss
 
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "eps": self.eps, "mode": self.mode}
 
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2
-                and isinstance(batch[0], Tensor) and isinstance(batch[1], Tensor)):
-            raise MeasurementSkipped("KFAC needs (inputs, targets) probe batches")
-        super().check(trainer, pl_module, batch)
-
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
-        x, y = batch[0], batch[1]
-        kind = self.loss_kind
-        if kind == "auto":
-            kind = "mse" if y.is_floating_point() else "cross_entropy"
-        loss_module = nn.CrossEntropyLoss() if kind == "cross_entropy" else nn.MSELoss()
-        if kind == "mse":
-            y = y.reshape(x.shape[0], -1).float()
-        factors = kfac_factors(pl_module, loss_module, x, y, mode=self.mode, reduce=reduce)
+        model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
+        if self.loss_kind == "module":
+            loss_module = None
+        else:
+            loss_module = nn.CrossEntropyLoss() if self.loss_kind == "cross_entropy" else \
+                nn.MSELoss()
+        if any(not t.is_floating_point() for t in tensor_leaves(batch)) and \
+                self.loss_kind == "mse":
+            self._note_once("loss='mse' assumes the head output is the regression prediction")
+        factors = kfac_factors(model, loss_module, batch, mode=self.mode, reduce=reduce)
         if not factors:
             raise MeasurementSkipped("the model has no Linear or Conv2d layer KFAC covers")
         rank = kfac_eps_rank(factors, eps=self.eps, relative=self.relative)
@@ -96,5 +103,5 @@ class KFACCallback(MeasurementCallback):
             "kfac_num_params": rank.num_params,
         }
         for layer, value in rank.feature_effective_rank.items():
-            metrics[f"kfac_feature_effective_rank/{layer}"] = value
+            metrics[f"kfac_feature_effective_rank/{layer.removeprefix(_PREFIX)}"] = value
         return metrics

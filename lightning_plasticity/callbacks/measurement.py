@@ -4,6 +4,11 @@ A subclass implements :meth:`MeasurementCallback.compute` (call a pure function 
 :mod:`lightning_plasticity.measures`, return scalars). This base class decides *when* to measure,
 picks the probe batch, guards against side effects, logs, keeps the per-task history for
 ``state_dict``, and turns failures into one warning instead of a crashed run.
+
+Schedule: with a :class:`~lightning_plasticity.data.ContinualDataModule`, at task starts and/or
+ends (every ``every_n_tasks``-th task). Without task events, at the start of fit and at the end of
+every training epoch (said once in a warning). In both cases also every ``every_n_train_steps``
+optimizer steps when given.
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_plasticity.callbacks.probe import (
+    MeasurementSkipped,
     ModuleLossFn,
-    first_examples,
+    ProbeSource,
+    find_head,
+    loss_closure,
     measurement_context,
     module_loss,
+    record_loss_pass,
     select_probe_batch,
 )
 
-
-class MeasurementSkipped(RuntimeError):
-    """Raised by a measurement that cannot run on this model or batch (message says why)."""
+__all__ = ["MeasurementCallback", "MeasurementSkipped"]
 
 
 class MeasurementCallback(Callback):
@@ -39,10 +46,13 @@ class MeasurementCallback(Callback):
     Args:
         probe_size: examples in the probe batch (split across ranks under DDP).
         loss_fn: ``loss_fn(pl_module, batch) -> loss``; default: the module's ``plasticity_loss``
-            or its own ``training_step`` (see :func:`.probe.module_loss`).
+            or its own ``training_step`` (see :func:`.probe.module_loss`; a
+            manual-optimization module needs one of the first two).
         on_task_start: measure at the start of every ``every_n_tasks``-th task (the seeds'
-            measurement point). Without a ContinualDataModule: at the start of fit.
-        on_task_end: measure at the end of every ``every_n_tasks``-th task.
+            measurement point).
+        on_task_end: measure at the end of every ``every_n_tasks``-th task. Without a
+            ContinualDataModule, either flag means: at the start of fit and at the end of every
+            training epoch.
         every_n_train_steps: also measure after every this many optimizer steps.
         every_n_tasks: task frequency of the task-event measurements.
     """
@@ -51,6 +61,8 @@ class MeasurementCallback(Callback):
     prefix = "curvature"
     #: under DDP, measure this rank's shard of the probe (False: every rank the whole probe)
     shard_probe = True
+    #: whether the measurement needs a probe batch and the module's loss at all
+    needs_probe = True
 
     def __init__(
         self,
@@ -81,7 +93,8 @@ class MeasurementCallback(Callback):
         #: one dict per measurement: ``task``, ``step``, ``event`` and the metrics
         self.history: list[dict[str, Any]] = []
         self._warned: set[str] = set()
-        self._fallback_batch: Any = None
+        self._probe_source = ProbeSource(probe_size)
+        self._head: str | None = None
         self._measured_at_fit_start = False
         self._last_step = -1
 
@@ -108,6 +121,16 @@ class MeasurementCallback(Callback):
     def loss_closure(self, pl_module: pl.LightningModule) -> Callable[[Any, Any], Tensor]:
         """``loss_fn(model, batch)`` in the form the measures expect."""
         return lambda model, batch: module_loss(pl_module, batch, self.loss_fn)
+
+    def module_loss_fn(self) -> Callable[[Any, Any], Tensor]:
+        """``(module, batch) -> loss``: the module's own loss, also on a copy of the module."""
+        return loss_closure(self.loss_fn)
+
+    def head_name(self, pl_module: pl.LightningModule, batch: Any) -> str:
+        """The layer whose output the loss reads: found once by one recorded loss pass."""
+        if self._head is None:
+            self._head = find_head(record_loss_pass(pl_module, batch, self.loss_fn))
+        return self._head
 
     @property
     def state_key(self) -> str:
@@ -153,8 +176,7 @@ class MeasurementCallback(Callback):
     def _all_ranks_ok(trainer: pl.Trainer, ok: bool) -> bool:
         if trainer.world_size <= 1:
             return ok
-        flag = torch.tensor(float(ok), device=trainer.strategy.root_device)
-        return bool(trainer.strategy.reduce(flag, reduce_op="sum").item() == trainer.world_size)
+        return bool(trainer.strategy.reduce_boolean_decision(ok, all=True))
 
     # ------------------------------------------------------------------ the measurement
     def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
@@ -163,20 +185,24 @@ class MeasurementCallback(Callback):
         error: str | None = None
         batch = None
         try:
-            with measurement_context(pl_module):
+            with measurement_context(pl_module, trainer):
                 # Built inside the context: under inference_mode it would be an inference tensor.
-                batch = select_probe_batch(trainer, pl_module, self.probe_size,
-                                           self._fallback_batch, sharded=self.shard_probe)
+                if self.needs_probe:
+                    batch = select_probe_batch(trainer, pl_module, self.probe_size,
+                                               self._probe_source, sharded=self.shard_probe,
+                                               note=self._note_once)
                 self.check(trainer, pl_module, batch)
-        except (MeasurementSkipped, ValueError, TypeError, RuntimeError) as err:
+        except MeasurementSkipped as err:
             error = str(err)
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
         # Agree before any collective so that no rank waits on one that skipped.
         if not self._all_ranks_ok(trainer, error is None):
             reason = error or "another rank could not measure"
             self._warn_once(f"skipped the measurement ({reason})")
             return None
         try:
-            with measurement_context(pl_module):
+            with measurement_context(pl_module, trainer):
                 metrics = self.compute(trainer, pl_module, batch, self._reduce_fn(trainer))
         except Exception as err:
             # These come from checks made before any collective or from a local eigensolve of
@@ -228,16 +254,35 @@ class MeasurementCallback(Callback):
     def _has_task_events(trainer: pl.Trainer) -> bool:
         return callable(getattr(trainer.datamodule, "probe_batch", None))
 
+    def _task_id(self, trainer: pl.Trainer) -> int:
+        if self._has_task_events(trainer):
+            return int(getattr(trainer.datamodule, "task_id", 0) or 0)
+        return trainer.current_epoch
+
+    def _note_schedule(self) -> None:
+        when = ["at the start of fit", "at the end of every training epoch"]
+        if self.every_n_train_steps:
+            when.append(f"every {self.every_n_train_steps} optimizer steps")
+        self._note_once("no ContinualDataModule (no task events): measuring "
+                        f"{', '.join(when[:-1])} and {when[-1]}")
+
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         if self._has_task_events(trainer):
             return
-        if self._fallback_batch is None:
-            self._fallback_batch = first_examples(batch, self.probe_size)
-        if self.at_task_start and not self._measured_at_fit_start:
+        self._probe_source.observe(batch)
+        events = self.at_task_start or self.at_task_end
+        if events and not self._measured_at_fit_start:
             self._measured_at_fit_start = True
-            self.measure_now(trainer, pl_module, "fit_start", 0)
+            self._note_schedule()
+            self.measure_now(trainer, pl_module, "fit_start", self._task_id(trainer))
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._has_task_events(trainer) or not (self.at_task_start or self.at_task_end):
+            return
+        self.measure_now(trainer, pl_module, "epoch_end", self._task_id(trainer))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -246,13 +291,10 @@ class MeasurementCallback(Callback):
         # _last_step: with gradient accumulation several batches share one global step.
         if n is not None and step % n == 0 and step > 0 and step != self._last_step:
             self._last_step = step
-            task = int(getattr(trainer.datamodule, "task_id", 0) or 0)
-            self.measure_now(trainer, pl_module, "step", task)
-
-    @staticmethod
-    def inputs_of(batch: Any) -> Any:
-        """The inputs of a probe batch: the first item of a tuple/list batch, else the batch."""
-        return batch[0] if isinstance(batch, (tuple, list)) else batch
+            if not self._has_task_events(trainer) and not (self.at_task_start or
+                                                           self.at_task_end):
+                self._note_schedule()
+            self.measure_now(trainer, pl_module, "step", self._task_id(trainer))
 
     @override
     def state_dict(self) -> dict[str, Any]:

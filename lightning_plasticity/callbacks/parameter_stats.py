@@ -41,6 +41,7 @@ class ParameterStatsCallback(MeasurementCallback):
     """
 
     prefix = "params"
+    needs_probe = False
 
     def __init__(
         self,
@@ -69,6 +70,11 @@ class ParameterStatsCallback(MeasurementCallback):
                       task_id: int) -> None:
         super().on_task_start(trainer, pl_module, task_id)
         self.task_start = snapshot_parameters(pl_module, device="cpu")
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._has_task_events(trainer):  # without tasks, an epoch is the unit of update
+            self.task_start = snapshot_parameters(pl_module, device="cpu")
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         pass  # no loss involved

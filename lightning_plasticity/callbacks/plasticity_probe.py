@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor, nn
 
-from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.callbacks.measurement import MeasurementCallback
+from lightning_plasticity.callbacks.probe import ModuleLossFn
+from lightning_plasticity.core.initialization import fresh_initialization
+from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.measures.plasticity_probe import plasticity_probe
 
 
@@ -28,18 +29,6 @@ def _without_trainer(module: nn.Module) -> Iterator[nn.Module]:
             module._trainer = trainer
 
 
-def fresh_initialisation(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` with every submodule's ``reset_parameters()`` applied, seeded, without
-    consuming the global RNG stream."""
-    fresh = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in fresh.modules():
-            if callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
-    return fresh
-
-
 class PlasticityProbeCallback(MeasurementCallback):
     """Plasticity as Lyle et al. 2023 define it ("Understanding plasticity in neural networks").
 
@@ -50,8 +39,10 @@ class PlasticityProbeCallback(MeasurementCallback):
     continues from the untouched network: only copies are trained. Deterministic given ``seed``
     (see :func:`lightning_plasticity.measures.plasticity_probe.plasticity_probe`).
 
-    The network is the module's ``network`` attribute when it has one (the package's modules),
-    else the LightningModule itself. Under DDP every rank probes the whole probe batch (the same
+    The network's output is the head output of the module's own loss pass (the last trainable
+    layer that ``loss_fn``, ``plasticity_loss`` or ``training_step`` calls), so no ``forward``
+    is needed and any batch structure works; the copy is trained against random targets on
+    that output. Under DDP every rank probes the whole probe batch (the same
     result everywhere, no collective).
 
     Logged under ``plasticity/``: ``final_loss``, ``initial_loss``, ``loss_reduction``,
@@ -65,7 +56,7 @@ class PlasticityProbeCallback(MeasurementCallback):
         target: ``"regression"`` (random Gaussian targets) or ``"labels"`` (random labels).
         compare_fresh: also fit a fresh initialisation.
         seed: seed of the targets and of the fresh initialisation.
-        probe_size, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
+        probe_size, loss_fn, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
             :class:`MeasurementCallback`.
 
     Example::
@@ -85,12 +76,13 @@ class PlasticityProbeCallback(MeasurementCallback):
         compare_fresh: bool = True,
         seed: int = 0,
         probe_size: int = 256,
+        loss_fn: ModuleLossFn | None = None,
         on_task_start: bool = True,
         on_task_end: bool = False,
         every_n_train_steps: int | None = None,
         every_n_tasks: int = 1,
     ) -> None:
-        super().__init__(probe_size=probe_size, on_task_start=on_task_start,
+        super().__init__(probe_size=probe_size, loss_fn=loss_fn, on_task_start=on_task_start,
                          on_task_end=on_task_end, every_n_train_steps=every_n_train_steps,
                          every_n_tasks=every_n_tasks)
         if steps < 1 or lr <= 0:
@@ -105,17 +97,12 @@ class PlasticityProbeCallback(MeasurementCallback):
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "steps": self.steps, "target": self.target}
 
-    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        if not isinstance(self.inputs_of(batch), Tensor):
-            raise MeasurementSkipped("the probe needs a tensor of inputs")
-
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
-        network = getattr(pl_module, "network", None)
-        model = network if isinstance(network, nn.Module) else pl_module
+        model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
         with _without_trainer(pl_module):
-            fresh = fresh_initialisation(model, self.seed) if self.compare_fresh else None
-            result = plasticity_probe(model, self.inputs_of(batch), steps=self.steps,
+            fresh = fresh_initialization(model, self.seed) if self.compare_fresh else None
+            result = plasticity_probe(model, batch, steps=self.steps,
                                       lr=self.lr, optimizer=self.optimizer, target=self.target,
                                       seed=self.seed, fresh_model=fresh)
         metrics: dict[str, Any] = {"final_loss": result.final_loss,

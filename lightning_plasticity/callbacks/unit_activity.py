@@ -7,10 +7,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
-from lightning_plasticity.callbacks.measurement import MeasurementCallback
-from lightning_plasticity.measures.unit_activity import unit_activity
+from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
+from lightning_plasticity.callbacks.probe import ModuleLossFn, module_loss
+from lightning_plasticity.measures.unit_activity import (
+    reduce_unit_activity_stats,
+    unit_activity_from_stats,
+    unit_activity_stats_of_pass,
+)
 
 
 class UnitActivityCallback(MeasurementCallback):
@@ -24,7 +30,11 @@ class UnitActivityCallback(MeasurementCallback):
     on every input (the ReLU acts as the identity); saturated units are tanh/sigmoid units
     beyond ``saturation_threshold`` on every input. Layers are found by hooking activation
     modules (ReLU, LeakyReLU, GELU, Tanh, Sigmoid, CReLU) and Linear/Conv outputs; conv channels
-    are units. Per layer, the pre-activation mean and standard deviation are logged with their
+    are units. The inputs of ``Linear``/``Conv2d`` layers that no activation module produced are
+    units too (``<layer>.input``), so ``F.relu`` and ``torch.relu`` in ``forward`` are seen. The
+    pass is one run of the module's own loss on the probe batch (``loss_fn``,
+    ``plasticity_loss`` or ``training_step``), so no ``forward`` is needed. Per layer, the
+    pre-activation mean and standard deviation are logged with their
     drift since the task started and since the first measurement (Lyle et al. 2024's first
     mechanism).
 
@@ -42,7 +52,7 @@ class UnitActivityCallback(MeasurementCallback):
         rare_fraction: a unit active on fewer than this fraction of inputs is rarely active.
         saturation_threshold: tanh/sigmoid saturation level.
         layers: fnmatch filters of the layer names to measure (default: all found).
-        probe_size, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
+        probe_size, loss_fn, on_task_start, on_task_end, every_n_train_steps, every_n_tasks: see
             :class:`MeasurementCallback` (by default at task starts and ends, so the drift
             within a task is measured).
 
@@ -60,12 +70,13 @@ class UnitActivityCallback(MeasurementCallback):
         saturation_threshold: float = 0.99,
         layers: Sequence[str] | None = None,
         probe_size: int = 512,
+        loss_fn: ModuleLossFn | None = None,
         on_task_start: bool = True,
         on_task_end: bool = True,
         every_n_train_steps: int | None = None,
         every_n_tasks: int = 1,
     ) -> None:
-        super().__init__(probe_size=probe_size, on_task_start=on_task_start,
+        super().__init__(probe_size=probe_size, loss_fn=loss_fn, on_task_start=on_task_start,
                          on_task_end=on_task_end, every_n_train_steps=every_n_train_steps,
                          every_n_tasks=every_n_tasks)
         if tau < 0 or not 0 < rare_fraction < 1 or not 0 < saturation_threshold < 1:
@@ -89,10 +100,16 @@ class UnitActivityCallback(MeasurementCallback):
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
-        result = unit_activity(pl_module, self.inputs_of(batch), self.layers, tau=self.tau,
-                               rare_fraction=self.rare_fraction,
-                               saturation_threshold=self.saturation_threshold,
-                               reduce_sum=self._reduce_sum_fn(trainer))
+        with torch.no_grad():
+            stats = unit_activity_stats_of_pass(
+                pl_module, lambda: module_loss(pl_module, batch, self.loss_fn), batch,
+                self.layers, saturation_threshold=self.saturation_threshold)
+        if not stats:
+            raise MeasurementSkipped("no layer of units was found in the loss pass; pass layers=")
+        reduce_sum = self._reduce_sum_fn(trainer)
+        if reduce_sum is not None:
+            stats = reduce_unit_activity_stats(stats, reduce_sum)
+        result = unit_activity_from_stats(stats, tau=self.tau, rare_fraction=self.rare_fraction)
         metrics: dict[str, Any] = {
             name: getattr(result, name)
             for name in ("dead_fraction", "dormant_fraction", "rare_fraction",

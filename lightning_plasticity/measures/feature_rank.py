@@ -98,7 +98,17 @@ class FeatureRank:
 
         Example::
 
-            pl_module.log_dict({f"features/{k}": v for k, v in result.scalars().items()})
+            >>> import torch
+            >>> from lightning_plasticity.measures.feature_rank import feature_rank
+            >>> _ = torch.manual_seed(0)
+            >>> result = feature_rank(torch.randn(100, 2) @ torch.randn(2, 8))
+            >>> logged = {f"features/{k}": v for k, v in result.scalars().items()}
+            >>> sorted(logged)  # doctest: +NORMALIZE_WHITESPACE
+            ['features/effective_rank', 'features/feature_norm', 'features/feature_rank',
+             'features/feature_rank_fraction', 'features/srank', 'features/srank_fraction']
+            >>> logged["features/feature_rank"], logged["features/feature_rank_fraction"]
+            (2.0, 0.25)
+            >>> # in a LightningModule or Callback hook: pl_module.log_dict(logged)
         """
         m = max(1, min(self.num_examples, self.dim))
         return {
@@ -151,7 +161,13 @@ def srank(values: Tensor, delta: float = 0.01, *, squared: bool = False) -> int:
 
     Example::
 
-        srank(torch.tensor([1.0, 1.0, 0.0]), delta=0.01)  # 2
+        >>> import torch
+        >>> from lightning_plasticity.measures import srank
+        >>> srank(torch.tensor([1.0, 1.0, 0.0]), delta=0.01)
+        2
+        >>> values = torch.tensor([3.0, 1.0])  # 75% of the sum, 90% of the squared sum
+        >>> srank(values, delta=0.1), srank(values, delta=0.1, squared=True)
+        (2, 1)
     """
     if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1), got {delta} (Kumar et al. use 0.01).")
@@ -213,8 +229,15 @@ def feature_rank_from_singular_values(
 
     Example::
 
-        r = feature_rank_from_singular_values(torch.tensor([3.0, 2.0, 0.0]), 10, 3)
-        r.feature_rank  # 2
+        >>> import torch
+        >>> from lightning_plasticity.measures.feature_rank import (
+        ...     feature_rank_from_singular_values,
+        ... )
+        >>> r = feature_rank_from_singular_values(torch.tensor([3.0, 2.0, 0.0]), 10, 3)
+        >>> r.feature_rank, r.srank
+        (2, 2)
+        >>> round(r.threshold, 4)  # eps * sqrt(n) = 0.01 * sqrt(10)
+        0.0316
     """
     _check_options(delta, eps, threshold)
     s = torch.sort(singular_values.detach().to(torch.float64).flatten(), descending=True).values
@@ -251,8 +274,21 @@ def feature_gram_stats(features: Tensor) -> FeatureGramStats:
 
     Example::
 
-        stats = reduce_feature_gram_stats(feature_gram_stats(f_shard), all_reduce_sum)
-        result = feature_rank_from_gram(stats)
+        >>> import torch
+        >>> from lightning_plasticity.measures.feature_rank import (
+        ...     feature_gram_stats, feature_rank_from_gram, reduce_feature_gram_stats,
+        ... )
+        >>> _ = torch.manual_seed(0)
+        >>> f_shard = torch.randn(100, 2) @ torch.randn(2, 8)  # this rank's features
+        >>> # Under DDP: all_reduce_sum(t) calls torch.distributed.all_reduce(t) and returns t.
+        >>> # Here two ranks that hold the same shard are simulated:
+        >>> all_reduce_sum = lambda t: 2 * t
+        >>> stats = reduce_feature_gram_stats(feature_gram_stats(f_shard), all_reduce_sum)
+        >>> stats.gram.shape, int(stats.num_examples)
+        (torch.Size([8, 8]), 200)
+        >>> result = feature_rank_from_gram(stats)
+        >>> result.feature_rank, result.num_examples
+        (2, 200)
     """
     F = _as_matrix(features)
     return FeatureGramStats(
@@ -267,7 +303,15 @@ def reduce_feature_gram_stats(stats: FeatureGramStats, reduce_sum: ReduceSum) ->
 
     Example::
 
-        total = reduce_feature_gram_stats(feature_gram_stats(f_shard), all_reduce_sum)
+        >>> import torch
+        >>> from lightning_plasticity.measures.feature_rank import (
+        ...     feature_gram_stats, reduce_feature_gram_stats,
+        ... )
+        >>> f_shard = torch.ones(10, 4)  # this rank's features
+        >>> all_reduce_sum = lambda t: 3 * t  # stands in for all_reduce(SUM) over 3 equal ranks
+        >>> total = reduce_feature_gram_stats(feature_gram_stats(f_shard), all_reduce_sum)
+        >>> int(total.num_examples), float(total.gram[0, 0]), float(total.norm_sum)
+        (30, 30.0, 60.0)
     """
     d = stats.gram.shape[0]
     flat = torch.cat(
@@ -294,7 +338,18 @@ def feature_rank_from_gram(
 
     Example::
 
-        result = feature_rank_from_gram(feature_gram_stats(features))
+        >>> import torch
+        >>> from lightning_plasticity.measures.feature_rank import (
+        ...     feature_gram_stats, feature_rank, feature_rank_from_gram,
+        ... )
+        >>> _ = torch.manual_seed(0)
+        >>> features = torch.randn(100, 2) @ torch.randn(2, 8)  # 100 rows of 8 features, rank 2
+        >>> result = feature_rank_from_gram(feature_gram_stats(features))
+        >>> result.feature_rank, result.srank, result.num_examples, result.dim
+        (2, 2, 100, 8)
+        >>> direct = feature_rank(features, method="svd")
+        >>> abs(result.effective_rank - direct.effective_rank) < 1e-4
+        True
     """
     _check_options(delta, eps, threshold)
     gram = stats.gram.to(torch.float64)
@@ -342,8 +397,16 @@ def feature_rank(
 
     Example::
 
-        result = feature_rank(model.features(x))
-        result.effective_rank, result.srank, result.feature_rank
+        >>> import torch
+        >>> from lightning_plasticity.measures.feature_rank import feature_rank
+        >>> from lightning_plasticity.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> model, x = MLP((8,), 3, width=16, depth=2), torch.randn(64, 8)
+        >>> result = feature_rank(model.features(x))
+        >>> result.num_examples, result.dim
+        (64, 16)
+        >>> round(result.effective_rank, 1), result.srank, result.feature_rank
+        (10.2, 16, 16)
     """
     _check_options(delta, eps, threshold)
     if method not in ("auto", "svd", "gram"):

@@ -165,8 +165,17 @@ def gradient_hessian_overlap(
 
     Example::
 
-        o = gradient_hessian_overlap(model, loss_fn, (x, y))
-        o.overlap, o.rayleigh_quotient
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import gradient_hessian_overlap
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        >>> o = gradient_hessian_overlap(model, loss_fn, (x, y))
+        >>> round(o.overlap, 2), round(o.rayleigh_quotient, 2)
+        (0.88, 0.68)
     """
     with HessianVectorProduct(model, loss_fn, batch, params, reduce) as hvp:
         return _overlap(hvp)
@@ -209,8 +218,20 @@ def gradient_topk_fraction(
 
     Example::
 
-        f = gradient_topk_fraction(model, loss_fn, (x, y), k=10)
-        f.fraction_squared
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import gradient_topk_fraction
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        >>> f = gradient_topk_fraction(model, loss_fn, (x, y), k=10)
+        >>> f.k, f.all_converged, round(f.fraction_squared, 2)
+        (10, True, 0.91)
+        >>> all_26 = gradient_topk_fraction(model, loss_fn, (x, y), k=26)  # the whole space
+        >>> round(all_26.fraction, 4)
+        1.0
     """
     with HessianVectorProduct(model, loss_fn, batch, params, reduce) as hvp:
         return _topk(hvp, _eigs(hvp, k, which, tol, max_iter, seed))
@@ -249,8 +270,17 @@ def gradient_hessian_alignment(
 
     Example::
 
-        a = gradient_hessian_alignment(model, loss_fn, (x, y), k=10)
-        a.overlap.overlap, a.topk.fraction
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import gradient_hessian_alignment
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        >>> a = gradient_hessian_alignment(model, loss_fn, (x, y), k=10)
+        >>> round(a.overlap.overlap, 2), round(a.topk.fraction, 2)
+        (0.88, 0.95)
     """
     with HessianVectorProduct(model, loss_fn, batch, params, reduce) as hvp:
         overlap = _overlap(hvp)

@@ -32,17 +32,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from lightning_plasticity.core.batch import batch_size, slice_batch
 from lightning_plasticity.measures.hvp import _preserve_rng_and_buffers
 from lightning_plasticity.measures.parameter_selection import NamedParams, model_parameters
 
 __all__ = [
+    "per_example_gradient_gram",
     "GradientInterference",
     "gradient_interference",
     "gradient_interference_from_gram",
@@ -218,6 +221,55 @@ def gradient_interference_from_gram(
         rtol=float(tol),
         num_params=int(num_params),
     )
+
+
+def per_example_gradient_gram(
+    loss_of_batch: Callable[[Any], Tensor],
+    batch: Any,
+    params: Sequence[Tensor],
+) -> tuple[Tensor, int, torch.dtype]:
+    """Gram matrix ``[g_i . g_j]`` of per-example gradients of any loss of a batch.
+
+    ``g_i`` is the gradient of ``loss_of_batch(example i)``, the loss on the sub-batch holding
+    only example ``i`` (sliced from any batch structure: tensors, tuples, dicts), so a module's
+    own loss gives per-example gradients without a ``forward`` or a guessed loss: for a loss
+    that averages over the batch, the loss of a batch of one is that example's loss. ``n``
+    backward passes; the ``n x P`` gradients are held at once (float32 or the parameters' dtype).
+
+    Returns:
+        ``(gram (n, n) float64, number of parameters, gradient dtype)``.
+
+    Example::
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> net = nn.Linear(3, 2)
+        >>> batch = {"x": torch.randn(4, 3), "y": torch.tensor([0, 1, 0, 1])}
+        >>> loss = lambda b: F.cross_entropy(net(b["x"]), b["y"])
+        >>> gram, num_params, _ = per_example_gradient_gram(loss, batch, list(net.parameters()))
+        >>> gram.shape, num_params
+        (torch.Size([4, 4]), 8)
+    """
+    n = batch_size(batch)
+    if n is None or n == 0:
+        raise ValueError("the probe batch has no examples (no tensor with a batch dimension).")
+    params = list(params)
+    if not params:
+        raise ValueError("no parameters to differentiate (all frozen?).")
+    rows = []
+    for i in range(n):
+        loss = loss_of_batch(slice_batch(batch, i, i + 1))
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([
+            (torch.zeros_like(p) if g is None else g.detach()).reshape(-1)
+            for p, g in zip(params, grads, strict=True)]))
+    G = torch.stack(rows)
+    gram = (G.to(torch.float64) @ G.to(torch.float64).T) if G.shape[1] < 1 << 22 else \
+        (G @ G.T).to(torch.float64)
+    return gram, G.shape[1], G.dtype
 
 
 def gradient_interference(

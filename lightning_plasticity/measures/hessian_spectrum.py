@@ -117,9 +117,23 @@ def hessian_eigenvalues(
 
     Example::
 
-        res = hessian_eigenvalues(model, loss_fn, (x, y), k=5)
-        sharpness = res.eigenvalues[0]
-        most_negative = hessian_eigenvalues(model, loss_fn, (x, y), k=1, which="SA")
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import hessian_eigenvalues
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        >>> res = hessian_eigenvalues(model, loss_fn, (x, y), k=5)
+        >>> res.eigenvalues.shape, res.eigenvectors.shape, res.num_params
+        (torch.Size([5]), torch.Size([26, 5]), 26)
+        >>> bool(res.converged.all())
+        True
+        >>> sharpness = res.eigenvalues[0]
+        >>> most_negative = hessian_eigenvalues(model, loss_fn, (x, y), k=1, which="SA")
+        >>> bool(most_negative.eigenvalues[0] < 0 < sharpness)
+        True
     """
     with HessianVectorProduct(model, loss_fn, batch, params, reduce) as hvp:
         res = top_eigenpairs(
@@ -191,7 +205,12 @@ def effective_rank(eigenvalues: Tensor) -> float:
 
     Example::
 
-        effective_rank(torch.tensor([1.0, 1.0, 0.0]))  # 2.0
+        >>> import torch
+        >>> from lightning_plasticity.measures.hessian_spectrum import effective_rank
+        >>> round(effective_rank(torch.tensor([1.0, 1.0, 0.0])), 6)
+        2.0
+        >>> round(effective_rank(torch.tensor([-3.0, 3.0, 3.0])), 6)  # signs are ignored
+        3.0
     """
     a = eigenvalues.detach().to(_F64).abs()
     total = float(a.sum())
@@ -243,9 +262,18 @@ def eps_rank_of_matrix(
 
     Example::
 
-        with HessianVectorProduct(model, loss_fn, (x, y)) as hvp:
-            H = hvp.dense()
-        eps_rank_of_matrix(H, eps=1e-3).eps_rank
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import HessianVectorProduct, eps_rank_of_matrix
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        >>> with HessianVectorProduct(model, loss_fn, (x, y)) as hvp:
+        ...     H = hvp.dense()
+        >>> eps_rank_of_matrix(H, eps=1e-3).eps_rank
+        19.0
     """
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps}.")
@@ -518,10 +546,21 @@ def hessian_eps_rank(
 
     Example::
 
-        r = hessian_eps_rank(model, loss_fn, (x, y))  # relative eps=1e-3, auto method
-        r.eps_rank, r.normalized_rank, r.error_estimate
-        head = select_parameters(model, last_n_layers=2)
-        hessian_eps_rank(model, loss_fn, (x, y), params=head, method="dense")
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import hessian_eps_rank, select_parameters
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        >>> r = hessian_eps_rank(model, loss_fn, (x, y))  # relative eps=1e-3, auto method
+        >>> r.method, r.num_params, r.eps_rank, round(r.normalized_rank, 3), r.error_estimate
+        ('dense', 26, 19.0, 0.731, 0.0)
+        >>> head = select_parameters(model, last_n_layers=1)
+        >>> r = hessian_eps_rank(model, loss_fn, (x, y), params=head, method="dense")
+        >>> r.num_params, r.eps_rank
+        (10, 4.0)
     """
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a positive finite number, got {eps}.")
@@ -625,8 +664,20 @@ def spectral_density(
 
     Example::
 
-        d = spectral_density(model, loss_fn, (x, y), num_probes=4, num_iter=60)
-        plt.semilogy(d.grid, d.density)
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import spectral_density
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+        >>> d = spectral_density(model, loss_fn, (x, y), num_probes=4, num_iter=60)
+        >>> d.grid.shape, d.density.shape
+        (torch.Size([1000]), torch.Size([1000]))
+        >>> round(float(torch.trapezoid(d.density, d.grid)), 3)  # a probability density
+        1.0
+        >>> # to plot it: plt.semilogy(d.grid, d.density)
     """
     with HessianVectorProduct(model, loss_fn, batch, params, reduce) as hvp:
         res = slq(hvp.matvec, hvp.num_params, num_probes, num_iter, seed, hvp.dtype,

@@ -58,7 +58,15 @@ def resolve_params(model: nn.Module, params: NamedParams | None) -> list[tuple[s
 
     Example::
 
-        named = resolve_params(model, select_parameters(model, last_n_layers=1))
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import select_parameters
+        >>> from lightning_plasticity.measures.hvp import resolve_params
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> named = resolve_params(model, select_parameters(model, last_n_layers=1))
+        >>> [name for name, _ in named]
+        ['2.weight', '2.bias']
+        >>> [name for name, _ in resolve_params(model, [model[0].bias])]  # bare parameters
+        ['0.bias']
     """
     if params is None:
         return select_parameters(model)
@@ -193,10 +201,21 @@ class HessianVectorProduct:
 
     Example::
 
-        hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
-        v = torch.randn(hvp.num_params, dtype=hvp.dtype)
-        hv = hvp.matvec(v)  # H @ v
-        hvp.release()
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import HessianVectorProduct
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+        >>> hvp.num_params
+        67
+        >>> v = torch.randn(hvp.num_params, dtype=hvp.dtype)
+        >>> hv = hvp.matvec(v)  # H @ v
+        >>> hv.shape
+        torch.Size([67])
+        >>> hvp.release()
     """
 
     def __init__(
@@ -373,7 +392,17 @@ class HessianVectorProduct:
 
         Example::
 
-            hv = hvp.matvec(torch.ones(hvp.num_params, dtype=hvp.dtype))
+            >>> import torch
+            >>> import torch.nn.functional as F
+            >>> from torch import nn
+            >>> from lightning_plasticity.measures import HessianVectorProduct
+            >>> _ = torch.manual_seed(0)
+            >>> model, x, y = nn.Linear(3, 2), torch.randn(8, 3), torch.randint(0, 2, (8,))
+            >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+            >>> hvp = HessianVectorProduct(model, loss_fn, (x, y))
+            >>> hv = hvp.matvec(torch.ones(hvp.num_params, dtype=hvp.dtype))
+            >>> hv.shape
+            torch.Size([8])
         """
         return self._apply_reduce(self._hvp_raw(self._flat_check(v)))
 
@@ -384,7 +413,20 @@ class HessianVectorProduct:
 
         Example::
 
-            HV = hvp.matmat(torch.eye(hvp.num_params, 3, dtype=hvp.dtype))
+            >>> import torch
+            >>> import torch.nn.functional as F
+            >>> from torch import nn
+            >>> from lightning_plasticity.measures import HessianVectorProduct
+            >>> _ = torch.manual_seed(0)
+            >>> model, x, y = nn.Linear(3, 2), torch.randn(8, 3), torch.randint(0, 2, (8,))
+            >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+            >>> hvp = HessianVectorProduct(model, loss_fn, (x, y))
+            >>> HV = hvp.matmat(torch.eye(hvp.num_params, 3, dtype=hvp.dtype))
+            >>> HV.shape
+            torch.Size([8, 3])
+            >>> e0 = torch.eye(hvp.num_params, dtype=hvp.dtype)[0]
+            >>> torch.allclose(HV[:, 0], hvp.matvec(e0), atol=1e-6)  # column j is H e_j
+            True
         """
         if V.dim() != 2 or V.shape[0] != self.num_params:
             raise ValueError(
@@ -413,7 +455,19 @@ class HessianVectorProduct:
 
         Example::
 
-            hvp.check_dense(max_params=5_000)
+            >>> import torch
+            >>> import torch.nn.functional as F
+            >>> from torch import nn
+            >>> from lightning_plasticity.measures import HessianVectorProduct
+            >>> _ = torch.manual_seed(0)
+            >>> model, x, y = nn.Linear(3, 2), torch.randn(8, 3), torch.randint(0, 2, (8,))
+            >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+            >>> hvp = HessianVectorProduct(model, loss_fn, (x, y))
+            >>> hvp.check_dense(max_params=5_000)  # 8 parameters: fine, returns None
+            >>> hvp.check_dense(max_params=4)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+                ...
+            ValueError: a dense Hessian over 8 parameters exceeds max_params=4; ...
         """
         n = self.num_params
         if max_params is not None and n > max_params:
@@ -448,8 +502,20 @@ class HessianVectorProduct:
 
         Example::
 
-            H = hvp.dense(max_params=2_000)
-            eigenvalues = torch.linalg.eigvalsh(H)
+            >>> import torch
+            >>> import torch.nn.functional as F
+            >>> from torch import nn
+            >>> from lightning_plasticity.measures import HessianVectorProduct
+            >>> _ = torch.manual_seed(0)
+            >>> model, x, y = nn.Linear(3, 2), torch.randn(8, 3), torch.randint(0, 2, (8,))
+            >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+            >>> hvp = HessianVectorProduct(model, loss_fn, (x, y))
+            >>> H = hvp.dense(max_params=2_000)
+            >>> H.shape
+            torch.Size([8, 8])
+            >>> eigenvalues = torch.linalg.eigvalsh(H)
+            >>> bool((eigenvalues > -1e-6).all())  # a linear model's cross-entropy is convex
+            True
         """
         self.check_dense(max_params, max_memory_bytes)
         n = self.num_params
@@ -470,7 +536,19 @@ class HessianVectorProduct:
 
         Example::
 
-            hvp.release()
+            >>> import torch
+            >>> import torch.nn.functional as F
+            >>> from torch import nn
+            >>> from lightning_plasticity.measures import HessianVectorProduct
+            >>> _ = torch.manual_seed(0)
+            >>> model, x, y = nn.Linear(3, 2), torch.randn(8, 3), torch.randint(0, 2, (8,))
+            >>> loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+            >>> hvp = HessianVectorProduct(model, loss_fn, (x, y))
+            >>> hvp.release()
+            >>> hvp.matvec(torch.ones(hvp.num_params))  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+                ...
+            RuntimeError: this HessianVectorProduct was released; create a new one ...
         """
         self._grads = None
 

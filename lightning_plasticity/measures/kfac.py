@@ -56,7 +56,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -380,6 +380,31 @@ def _loss_hessian_sqrt(
     return scale * noise / math.sqrt(mc_samples)
 
 
+def _own_loss_hessian_sqrt(output: Tensor, loss: Tensor) -> Tensor:
+    """Columns ``S[m]`` with ``sum_m S[m]_n S[m]_n^T = H_n``, the Hessian of the model's own
+    ``loss`` w.r.t. example ``n``'s ``output``, by double backpropagation.
+
+    ``C`` Hessian-vector products with the loss (cheap: they only traverse the loss's own ops)
+    give every example's ``C x C`` block, assuming, as the GGN does for per-example losses, that
+    the loss couples no two examples. Each block's symmetric square root is taken from its
+    eigendecomposition, negative eigenvalues (a non-convex loss) clamped at 0.
+    """
+    n = output.shape[0]
+    C = output[0].numel()
+    (g,) = torch.autograd.grad(loss, output, create_graph=True)
+    g = g.reshape(n, C)
+    blocks = output.new_zeros(n, C, C)
+    for c in range(C):
+        (h,) = torch.autograd.grad(g[:, c].sum(), output, retain_graph=True, allow_unused=True)
+        if h is not None:
+            blocks[:, :, c] = h.detach().reshape(n, C)
+    blocks = (blocks + blocks.transpose(1, 2)) / 2
+    evals, evecs = torch.linalg.eigh(blocks.to(torch.float64))
+    roots = (evecs * evals.clamp_min(0).sqrt()[:, None, :]) @ evecs.transpose(1, 2)
+    # S[m]_n = column m of the root of H_n.
+    return roots.to(output.dtype).permute(2, 0, 1).reshape(C, *output.shape)
+
+
 def _accumulation_dtype(t: Tensor) -> Tensor:
     """At least float32: second moments of half-precision activations lose too much."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -437,10 +462,16 @@ def _kfac_hooks(
 
     with _isolated(model, seed):
         with _capture_layers(layers, on_forward):
-            out = model(_usable_input(inputs))
+            if loss_module is None:
+                out, own_loss = model.forward_with_loss(_usable_input(inputs))
+            else:
+                out = model(_usable_input(inputs))
         if not isinstance(out, Tensor):
             raise ValueError(f"the model must return a tensor, got {type(out).__name__}.")
-        columns = _loss_hessian_sqrt(loss_module, out, mode, mc_samples, seed)
+        if loss_module is None:
+            columns = _own_loss_hessian_sqrt(out, own_loss)
+        else:
+            columns = _loss_hessian_sqrt(loss_module, out, mode, mc_samples, seed)
         fired = [name for name in layers if name in outputs]
         targets = [(name, y) for name in fired for y in outputs[name]]
         dtype = torch.promote_types(out.dtype, torch.float32)
@@ -577,8 +608,8 @@ def _kfac_backpack(
 
 def kfac_factors(
     model: nn.Module,
-    loss_module: nn.Module,
-    inputs: Tensor,
+    loss_module: nn.Module | None,
+    inputs: Any,
     targets: Tensor | None = None,
     *,
     mode: KFACMode = "exact",
@@ -610,8 +641,13 @@ def kfac_factors(
     Args:
         model: Any ``nn.Module`` mapping ``inputs`` to a tensor of shape ``(N, C)`` (or
             ``(N, ...)`` for ``MSELoss``).
-        loss_module: ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()``, ``reduction="mean"``.
-        inputs: A batch of ``N`` inputs.
+        loss_module: ``nn.CrossEntropyLoss()`` or ``nn.MSELoss()``, ``reduction="mean"``; or
+            ``None`` for the model's own loss: then ``model.forward_with_loss(inputs)`` returns
+            ``(output, loss)`` (as :class:`~lightning_plasticity.core.record.HeadOutput` does
+            for any LightningModule) and ``H_n`` is the Hessian of that loss w.r.t. example
+            ``n``'s output, by double backpropagation (``mode="exact"`` only; the hooks
+            backend).
+        inputs: A batch of ``N`` inputs (any batch structure the model takes).
         targets: The batch's targets. The GGN does not depend on them; they are only checked
             (``ignore_index``) and fed to BackPACK's loss (zeros if ``None``).
         mode: ``"exact"`` (KFLR: exact loss Hessian, ``C`` backward passes) or ``"mc"`` (KFAC:
@@ -648,7 +684,19 @@ def kfac_factors(
         raise ValueError(f"backend must be 'auto', 'hooks' or 'backpack', got {backend!r}.")
     if mode == "mc" and (not isinstance(mc_samples, int) or mc_samples < 1):
         raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}.")
-    _check_loss(loss_module, targets)
+    if loss_module is None:
+        if mode != "exact" or backend == "backpack":
+            raise ValueError(
+                "the model's own loss (loss_module=None) needs mode='exact' and the hooks "
+                "backend: sampling targets ('mc') needs a known likelihood; pass "
+                "nn.CrossEntropyLoss() or nn.MSELoss() for mode='mc'."
+            )
+        if not callable(getattr(model, "forward_with_loss", None)):
+            raise ValueError("loss_module=None needs a model with forward_with_loss(inputs) -> "
+                             "(output, loss), e.g. core.record.HeadOutput.")
+        backend = "hooks"
+    else:
+        _check_loss(loss_module, targets)
 
     layers, skipped = _find_layers(model)
     raw: dict[str, tuple[Tensor, Tensor]] | None = None

@@ -248,10 +248,15 @@ def lanczos(
 
     Example::
 
-        A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
-        alphas, betas, Q = lanczos(lambda v: A @ v, 100, 30)
-        T = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
-        torch.linalg.eigvalsh(T)[-1]  # ~ 100
+        >>> import torch
+        >>> from lightning_plasticity.measures.lanczos import lanczos
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> alphas, betas, Q = lanczos(lambda v: A @ v, 100, 30)
+        >>> alphas.shape, betas.shape, Q.shape
+        (torch.Size([30]), torch.Size([29]), torch.Size([100, 30]))
+        >>> T = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
+        >>> round(float(torch.linalg.eigvalsh(T)[-1]), 2)  # ~ 100
+        100.0
     """
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}.")
@@ -339,8 +344,23 @@ def top_eigenpairs(
 
     Example::
 
-        res = top_eigenpairs(hvp.matvec, hvp.num_params, k=10, dtype=hvp.dtype)
-        res.eigenvalues[0]  # largest Hessian eigenvalue
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import HessianVectorProduct
+        >>> from lightning_plasticity.measures.lanczos import top_eigenpairs
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+        >>> res = top_eigenpairs(hvp.matvec, hvp.num_params, k=5, dtype=hvp.dtype)
+        >>> res.eigenvalues.shape, res.eigenvectors.shape
+        (torch.Size([5]), torch.Size([26, 5]))
+        >>> bool(res.converged.all())
+        True
+        >>> exact = torch.linalg.eigvalsh(hvp.dense()).flip(0)  # descending
+        >>> torch.allclose(res.eigenvalues[0], exact[0])  # largest Hessian eigenvalue
+        True
     """
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and n={n}, got {k}.")
@@ -613,8 +633,23 @@ def slq(
 
     Example::
 
-        res = slq(hvp.matvec, hvp.num_params, num_probes=5, num_iter=50, dtype=hvp.dtype)
-        res.trace_estimates(lambda t: t).mean()  # ~ trace of the Hessian
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import HessianVectorProduct
+        >>> from lightning_plasticity.measures.lanczos import slq
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+        >>> res = slq(hvp.matvec, hvp.num_params, num_probes=10, num_iter=10, dtype=hvp.dtype)
+        >>> res.nodes.shape, res.weights.shape
+        (torch.Size([10, 10]), torch.Size([10, 10]))
+        >>> per_probe = res.trace_estimates(lambda t: t)
+        >>> estimate = per_probe.mean()  # ~ trace of the Hessian
+        >>> standard_error = per_probe.std() / per_probe.numel() ** 0.5
+        >>> bool(abs(estimate - torch.trace(hvp.dense())) < 3 * standard_error)
+        True
     """
     if num_probes < 1 or num_iter < 1:
         raise ValueError(
@@ -709,8 +744,21 @@ def slq_density(
 
     Example::
 
-        grid, density, _ = slq_density(hvp.matvec, hvp.num_params, dtype=hvp.dtype)
-        torch.trapezoid(density, grid)  # ~ 1
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import HessianVectorProduct
+        >>> from lightning_plasticity.measures.lanczos import slq_density
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+        >>> grid, density, _ = slq_density(hvp.matvec, hvp.num_params, num_probes=4, num_iter=20,
+        ...                                dtype=hvp.dtype)
+        >>> grid.shape, density.shape
+        (torch.Size([1000]), torch.Size([1000]))
+        >>> round(float(torch.trapezoid(density, grid)), 3)  # ~ 1
+        1.0
     """
     res = slq(matvec, n, num_probes, num_iter, seed, dtype, device)
     grid_t, sigma = _grid_and_sigma(res, grid, sigma)
@@ -788,8 +836,22 @@ def slq_count_above(
 
     Example::
 
-        c = slq_count_above(hvp.matvec, hvp.num_params, threshold=1e-3, dtype=hvp.dtype)
-        c.estimate, c.standard_error
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import HessianVectorProduct
+        >>> from lightning_plasticity.measures.lanczos import slq_count_above
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
+        >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+        >>> c = slq_count_above(hvp.matvec, hvp.num_params, threshold=1e-3, num_probes=5,
+        ...                     dtype=hvp.dtype)
+        >>> c.per_probe.shape  # 5 probes: c.estimate is their mean, c.standard_error its SE
+        torch.Size([5])
+        >>> exact = int((torch.linalg.eigvalsh(hvp.dense()).abs() > 1e-3).sum())
+        >>> bool(abs(c.estimate - exact) < 3 * c.standard_error)
+        True
     """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}.")

@@ -79,8 +79,16 @@ def snapshot_parameters(
 
     Example::
 
-        init = snapshot_parameters(model)  # at initialisation
-        previous = snapshot_parameters(model, device="cpu")  # at the start of a task
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import snapshot_parameters
+        >>> model = nn.Linear(3, 2)
+        >>> init = snapshot_parameters(model)  # at initialisation
+        >>> sorted(init), init["weight"].requires_grad, torch.equal(init["weight"], model.weight)
+        (['bias', 'weight'], False, True)
+        >>> previous = snapshot_parameters(model, device="cpu")  # at the start of a task
+        >>> previous["bias"].device.type
+        'cpu'
     """
     return {
         name: p.detach().to(device=device, copy=True) if device is not None else p.detach().clone()
@@ -202,7 +210,16 @@ class ParameterStats:
 
         Example::
 
-            pl_module.log_dict({f"params/{k}": v for k, v in stats.scalars().items()})
+            >>> from torch import nn
+            >>> from lightning_plasticity.measures import parameter_stats, snapshot_parameters
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+            >>> stats = parameter_stats(model, init=snapshot_parameters(model))
+            >>> logged = {f"params/{k}": v for k, v in stats.scalars().items()}
+            >>> logged["params/distance_from_init"], logged["params/distance_from_init/2"]
+            (0.0, 0.0)
+            >>> "params/norm/0" in logged, "params/grad_norm" in logged  # no .grad: no entry
+            (True, False)
+            >>> # in a LightningModule or Callback hook: pl_module.log_dict(logged)
         """
         out = {f: getattr(self.total, f) for f in _GROUP_FIELDS}
         groups: list[dict[str, ParameterGroupStats]] = []
@@ -266,10 +283,24 @@ def parameter_stat_sums(
 
     Example::
 
-        sums = parameter_stat_sums(list(model.named_parameters()), init=init)
-        encoder = functools.reduce(
-            operator.add, [s for n, s in sums.items() if n.startswith("encoder.")]
-        )
+        >>> import functools
+        >>> import operator
+        >>> from collections import OrderedDict
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import snapshot_parameters
+        >>> from lightning_plasticity.measures.parameter_stats import parameter_stat_sums
+        >>> body = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        >>> model = nn.Sequential(OrderedDict(encoder=body, head=nn.Linear(4, 2)))
+        >>> init = snapshot_parameters(model)
+        >>> with torch.no_grad():
+        ...     _ = model.head.weight.add_(0.5)  # only the head moves
+        >>> sums = parameter_stat_sums(list(model.named_parameters()), init=init)
+        >>> encoder = functools.reduce(
+        ...     operator.add, [s for n, s in sums.items() if n.startswith("encoder.")]
+        ... )
+        >>> encoder.numel, encoder.init_sq_dist, round(sums["head.weight"].init_sq_dist, 4)
+        (16, 0.0, 2.0)
     """
     if wasserstein_p not in (1, 2):
         raise ValueError(f"wasserstein_p must be 1 or 2, got {wasserstein_p}.")
@@ -344,7 +375,17 @@ def parameter_stats_from_sums(
 
     Example::
 
-        stats = parameter_stats_from_sums(parameter_stat_sums(named, init=init))
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import select_parameters, snapshot_parameters
+        >>> from lightning_plasticity.measures.parameter_stats import (
+        ...     parameter_stat_sums, parameter_stats_from_sums,
+        ... )
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> init = snapshot_parameters(model)
+        >>> named = select_parameters(model, last_n_layers=1)
+        >>> stats = parameter_stats_from_sums(parameter_stat_sums(named, init=init))
+        >>> sorted(stats.tensors), sorted(stats.layers), stats.total.numel
+        (['2.bias', '2.weight'], ['2'], 10)
     """
     if not sums:
         raise ValueError("no parameters to measure; the model or the selection is empty.")
@@ -399,10 +440,24 @@ def parameter_stats(
 
     Example::
 
-        init = snapshot_parameters(model)
-        ...  # train
-        stats = parameter_stats(model, init=init)
-        stats.total.distance_from_init, stats.layers["0"].stable_rank
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures import parameter_stats, snapshot_parameters
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> init = snapshot_parameters(model)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(32, 3), torch.randn(32, 2)
+        >>> for _ in range(5):  # train
+        ...     optimizer.zero_grad()
+        ...     F.mse_loss(model(x), y).backward()
+        ...     optimizer.step()
+        >>> stats = parameter_stats(model, init=init)
+        >>> stats.total.distance_from_init > 0, 1 <= stats.layers["0"].stable_rank <= 3
+        (True, True)
+        >>> sorted(stats.layers), stats.total.numel
+        (['0', '2'], 26)
     """
     named = list(model.named_parameters()) if params is None else list(params)
     sums = parameter_stat_sums(

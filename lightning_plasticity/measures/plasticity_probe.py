@@ -36,14 +36,16 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_plasticity.core.batch import batch_size as num_examples
+from lightning_plasticity.core.batch import detach_clone, index_batch, tensor_leaves
+from lightning_plasticity.core.isolation import forked_rng
 
 __all__ = ["PlasticityProbe", "plasticity_probe"]
 
@@ -102,10 +104,11 @@ class PlasticityProbe:
         return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
-def _device_of(model: nn.Module, inputs: Tensor) -> torch.device:
+def _device_of(model: nn.Module, inputs: Any) -> torch.device:
     for p in model.parameters():
         return p.device
-    return inputs.device
+    leaves = tensor_leaves(inputs)
+    return leaves[0].device if leaves else torch.device("cpu")
 
 
 def _seed_global(seed: int, device: torch.device) -> None:
@@ -113,17 +116,6 @@ def _seed_global(seed: int, device: torch.device) -> None:
     if device.type == "cuda":
         with torch.cuda.device(device):
             torch.cuda.manual_seed(seed)
-
-
-@contextmanager
-def _forked_global_rng(device: torch.device) -> Iterator[None]:
-    """Fork the global RNG of the CPU (and of a CUDA ``device``); restore it on exit."""
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    else:
-        devices = []
-    with torch.random.fork_rng(devices=devices):
-        yield
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -175,7 +167,7 @@ def _fit(
         )
     optimizer_cls = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
     opt = optimizer_cls(params, lr=lr)
-    n = inputs.shape[0]
+    n = num_examples(inputs)
     gen = torch.Generator().manual_seed(seed + 1)  # minibatch order, independent of targets
     order = torch.randperm(n, generator=gen)
     cursor = 0
@@ -188,9 +180,9 @@ def _fit(
         else:
             if cursor + batch_size > n:
                 order, cursor = torch.randperm(n, generator=gen), 0
-            idx = order[cursor : cursor + batch_size].to(inputs.device)
+            idx = order[cursor : cursor + batch_size]
             cursor += batch_size
-            x, y = inputs[idx], targets[idx]
+            x, y = index_batch(inputs, idx), targets[idx.to(targets.device)]
         opt.zero_grad(set_to_none=True)
         loss = _loss(model(x), y, target)
         loss.backward()
@@ -223,7 +215,7 @@ def plasticity_probe(
     Args:
         model: The network; ``model(inputs)`` must return ``(n, C)`` outputs (any trailing
             shape for regression, flattened to ``C``).
-        inputs: ``(n, ...)`` probe inputs.
+        inputs: ``(n, ...)`` probe inputs, or any batch structure ``model`` takes.
         num_outputs: Regression: must equal ``C`` if given. Labels: number of classes ``K <= C``
             (default ``C``).
         steps: Optimisation steps.
@@ -258,13 +250,14 @@ def plasticity_probe(
             f"need steps >= 0, lr > 0, batch_size >= 1 (or None) and target_scale > 0; got "
             f"steps={steps}, lr={lr}, batch_size={batch_size}, target_scale={target_scale}."
         )
-    if not isinstance(inputs, Tensor) or inputs.dim() == 0 or inputs.shape[0] == 0:
-        raise ValueError("inputs must be a tensor with at least one example along dim 0.")
+    if not num_examples(inputs):
+        raise ValueError("inputs must hold at least one example along dim 0 (a tensor or any "
+                         "batch structure the model takes).")
     device = _device_of(model, inputs)
-    with torch.inference_mode(False), torch.enable_grad(), _forked_global_rng(device):
-        x = inputs.detach().clone()  # a normal tensor even if inputs were made in inference mode
+    with torch.inference_mode(False), torch.enable_grad(), forked_rng(device=device):
+        x = detach_clone(inputs)  # normal tensors even if inputs were made in inference mode
         runs = [_copy(model)] + ([_copy(fresh_model)] if fresh_model is not None else [])
-        n = x.shape[0]
+        n = num_examples(x)
         with torch.no_grad():
             runs[0].eval()
             out = runs[0](x)

@@ -79,7 +79,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_plasticity.measures.hvp import _preserve_rng_and_buffers
+from lightning_plasticity.core.batch import tensor_leaves
+from lightning_plasticity.core.isolation import forked_rng, module_device
+from lightning_plasticity.core.record import LayerCall, hooked
 from lightning_plasticity.models.activations import CReLU
 
 __all__ = [
@@ -91,6 +93,7 @@ __all__ = [
     "unit_activity",
     "unit_activity_from_stats",
     "unit_activity_stats",
+    "unit_activity_stats_of_pass",
 ]
 
 #: What a recorded module is: an activation function or a layer whose output is a pre-activation.
@@ -126,8 +129,8 @@ def _kind(module: nn.Module) -> LayerKind | None:
 
 def _select_modules(
     model: nn.Module, layers: list[str] | tuple[str, ...] | None
-) -> list[tuple[str, nn.Module, LayerKind]]:
-    """Recordable modules, optionally filtered by fnmatch patterns on their names."""
+) -> tuple[list[tuple[str, nn.Module, LayerKind]], set[str]]:
+    """Every recordable module, and the names of those the fnmatch ``layers`` select."""
     eligible = []
     for name, module in model.named_modules():
         kind = _kind(module)
@@ -135,18 +138,17 @@ def _select_modules(
             eligible.append((name or "(root)", module, kind))
     if not eligible:
         raise ValueError(
-            "the model has no module to record: unit activity needs activation modules "
-            "(nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, CReLU) or nn.Linear/nn.Conv2d "
-            "layers; functional activations (torch.relu in forward) cannot be hooked."
+            "the model has no module to record: unit activity needs nn.Linear/nn.Conv2d layers "
+            "(whose inputs are the units feeding them, whatever the activation) or activation "
+            "modules (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, CReLU)."
         )
+    names = [n for n, _, _ in eligible]
     if layers is None:
-        return eligible
+        return eligible, set(names)
     if isinstance(layers, str):
         layers = [layers]
-    selected = []
     for pattern in layers:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name, _, _ in eligible):
-            names = [n for n, _, _ in eligible]
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             shown = ", ".join(repr(n) for n in names[:_MAX_NAMES_IN_ERROR])
             if len(names) > _MAX_NAMES_IN_ERROR:
                 shown += f", ... ({len(names) - _MAX_NAMES_IN_ERROR} more)"
@@ -154,74 +156,99 @@ def _select_modules(
                 f"layers pattern {pattern!r} matches no recordable module; recordable modules "
                 f"are {shown}."
             )
-    for entry in eligible:
-        if any(fnmatch.fnmatchcase(entry[0], pattern) for pattern in layers):
-            selected.append(entry)
-    return selected
+    return eligible, {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in layers)}
 
 
-def _model_device(model: nn.Module, inputs: Any) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    if isinstance(inputs, Tensor):
-        return inputs.device
-    return torch.device("cpu")
+def _storage(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return id(t)
+
+
+def _infer_kind(x: Tensor) -> LayerKind | None:
+    """The activation behind features no activation module produced (``F.relu``, ``torch.tanh``).
+
+    Non-negative features are read as ReLU units (dead = zero on every input); features in
+    ``[-1, 1]`` with negative values as tanh units; anything else (a norm's output, a residual
+    sum) is not a layer of units and is not recorded.
+    """
+    if x.numel() == 0 or not x.is_floating_point():
+        return None
+    if bool((x >= 0).all()):
+        return "relu"
+    if bool((x.abs() <= 1).all()):
+        return "tanh"
+    return None
+
+
+def _record_pass(
+    model: nn.Module,
+    run: Callable[[], Any],
+    layers: list[str] | tuple[str, ...] | None,
+    data: Any,
+    record: Callable[[str, nn.Module, LayerKind, Tensor | None, Tensor], None],
+) -> None:
+    """Run ``run()`` once, calling ``record(key, module, kind, input, output)`` for every layer.
+
+    Recorded: every activation module (its output ``h`` and input ``z``); every
+    ``nn.Linear``/``nn.Conv2d`` output (a pre-activation); and the *input* of a ``Linear``/
+    ``Conv2d`` when no activation module produced it (key ``"<layer>.input"``, kind inferred by
+    :func:`_infer_kind`), which makes functional activations (``F.relu``, ``torch.relu``)
+    visible. Inputs that are the data (the first layer called, or a view of a batch tensor) or
+    that an activation module already recorded are skipped. A module called several times gets
+    keys ``name``, ``name#1``, ...
+    """
+    eligible, selected = _select_modules(model, layers)
+    data_storages = {_storage(t) for t in tensor_leaves(data)}
+    activation_storages: set[int] = set()
+    state = {"activation_since_layer": False, "layers_called": 0}
+
+    def on_call(call: LayerCall) -> None:
+        kind = _kind(call.module)
+        if kind is None:
+            return
+        key = call.name if call.index == 0 else f"{call.name}#{call.index}"
+        chosen = call.name in selected
+        if kind in _ACTIVATION_KINDS:
+            state["activation_since_layer"] = True
+            activation_storages.add(_storage(call.output))
+            if chosen:
+                record(key, call.module, kind, call.input, call.output)
+            return
+        x = call.input
+        first = state["layers_called"] == 0
+        fed_by_activation = state["activation_since_layer"] or (
+            x is not None and _storage(x) in activation_storages)
+        state["layers_called"] += 1
+        state["activation_since_layer"] = False
+        if not chosen:
+            return
+        record(key, call.module, kind, None, call.output)
+        if x is None or first or fed_by_activation or _storage(x) in data_storages:
+            return
+        inferred = _infer_kind(x)
+        if inferred is not None:
+            record(f"{key}.input", call.module, inferred, x, x)
+
+    modules = {name: module for name, module, _ in eligible}
+    with hooked(modules, on_call):
+        run()
 
 
 @contextmanager
-def _hooked(
-    model: nn.Module,
-    inputs: Any,
-    layers: list[str] | tuple[str, ...] | None,
-    record: Callable[[str, nn.Module, LayerKind, Tensor | None, Tensor], None],
-) -> Iterator[None]:
-    """Call ``record(key, module, kind, input, output)`` for every call of a selected module.
-
-    A module called several times in one forward gets keys ``name``, ``name#1``, ``name#2``...
-    Hooks are removed afterwards; the forward runs under ``no_grad`` in the model's current
-    mode, with the global RNG and the buffers restored (dropout, BatchNorm running stats).
-    """
-    selected = _select_modules(model, layers)
-    calls: dict[str, int] = {}
-    handles = []
-    # An in-place activation (nn.ReLU(inplace=True)) overwrites its input, so a forward hook
-    # would see the output twice; keep a copy of the input from a pre-hook instead.
-    inplace_inputs: dict[int, Tensor] = {}
-
-    def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        if args and isinstance(args[0], Tensor):
-            inplace_inputs[id(module)] = args[0].detach().clone()
-
-    def make_hook(name: str, kind: LayerKind) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            saved = inplace_inputs.pop(id(module), None)
-            if not isinstance(output, Tensor):
-                return
-            count = calls.get(name, 0)
-            calls[name] = count + 1
-            key = name if count == 0 else f"{name}#{count}"
-            pre = args[0] if args and isinstance(args[0], Tensor) else None
-            record(key, module, kind, saved if saved is not None else pre, output)
-
-        return hook
-
-    try:
-        for name, module, kind in selected:
-            if getattr(module, "inplace", False):
-                handles.append(module.register_forward_pre_hook(pre_hook))
-            handles.append(module.register_forward_hook(make_hook(name, kind)))
-        with _preserve_rng_and_buffers(model, _model_device(model, inputs)), torch.no_grad():
-            yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _forward(model: nn.Module, inputs: Any) -> None:
-    with torch.no_grad():
-        model(inputs)
+def _isolated_forward(model: nn.Module, inputs: Any) -> Iterator[None]:
+    """``model(inputs)`` without side effects on the global RNG or the buffers, no graph."""
+    with forked_rng(device=module_device(model)):
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            with torch.no_grad():
+                for b, old in buffers:
+                    if b.shape == old.shape and not torch.equal(b, old):
+                        b.data.copy_(old)
 
 
 def collect_activations(
@@ -260,8 +287,8 @@ def collect_activations(
         # A copy: a later in-place activation would overwrite a Linear's output tensor.
         out[key] = h.detach().clone()
 
-    with _hooked(model, inputs, layers, record):
-        _forward(model, inputs)
+    with _isolated_forward(model, inputs):
+        _record_pass(model, lambda: model(inputs), layers, inputs, record)
     return out
 
 
@@ -408,19 +435,56 @@ def unit_activity_stats(
         stats = reduce_unit_activity_stats(stats, all_reduce_sum)
         result = unit_activity_from_stats(stats, tau=0.025)
     """
-    if not 0.5 < saturation_threshold < 1:
-        raise ValueError(
-            f"saturation_threshold must be in (0.5, 1), got {saturation_threshold}; it is the "
-            "|tanh| (and sigmoid) level above which a unit counts as saturated, e.g. 0.99."
-        )
+    _check_saturation(saturation_threshold)
+    with _isolated_forward(model, inputs):
+        return unit_activity_stats_of_pass(model, lambda: model(inputs), inputs, layers,
+                                           saturation_threshold=saturation_threshold)
+
+
+def unit_activity_stats_of_pass(
+    model: nn.Module,
+    run: Callable[[], Any],
+    data: Any = None,
+    layers: list[str] | tuple[str, ...] | None = None,
+    *,
+    saturation_threshold: float = 0.99,
+) -> dict[str, LayerActivityStats]:
+    """Sufficient statistics of every recorded layer during one call of ``run()``.
+
+    ``run`` is any pass through ``model``: ``model(inputs)``, or the user's own loss on a batch
+    (``training_step``), so models without ``forward`` and any batch structure work. ``data`` is
+    the batch, whose tensors are not units. The caller isolates side effects (RNG, buffers).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> import torch.nn.functional as F
+        >>> fc1, fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        >>> with torch.no_grad():
+        ...     _ = fc1.bias[:3].fill_(-100.0)  # three units dead on every input
+        >>> model = nn.ModuleDict({"fc1": fc1, "fc2": fc2})
+        >>> x = torch.randn(32, 4)
+        >>> stats = unit_activity_stats_of_pass(model, lambda: fc2(F.relu(fc1(x))), x)
+        >>> int(unit_activity_from_stats(stats, tau=0.0).num_dead)
+        3
+    """
+    _check_saturation(saturation_threshold)
     out: dict[str, LayerActivityStats] = {}
 
     def record(key: str, module: nn.Module, kind: LayerKind, pre: Tensor | None, h: Tensor) -> None:
         out[key] = _layer_stats(module, kind, pre, h, saturation_threshold)
 
-    with _hooked(model, inputs, layers, record):
-        _forward(model, inputs)
+    _record_pass(model, run, layers, data, record)
     return out
+
+
+def _check_saturation(saturation_threshold: float) -> None:
+    if not 0.5 < saturation_threshold < 1:
+        raise ValueError(
+            f"saturation_threshold must be in (0.5, 1), got {saturation_threshold}; it is the "
+            "|tanh| (and sigmoid) level above which a unit counts as saturated, e.g. 0.99."
+        )
 
 
 def reduce_unit_activity_stats(

@@ -145,8 +145,24 @@ class ContinualClassifier(_ContinualModule):
 
     Example::
 
-        model = ContinualClassifier(network=partial(MLP, width=128), lr=1e-3)
-        Trainer().fit(model, datamodule=ContinualDataModule("digits", "permuted_labels"))
+        >>> import tempfile
+        >>> from functools import partial
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> model = ContinualClassifier(network=partial(MLP, width=128), lr=1e-3)
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> trainer.fit(model, datamodule=dm)
+        >>> model.hparams.input_shape, model.hparams.num_outputs  # taken from the data module
+        ((1, 8, 8), 10)
+        >>> trainer.global_step, len(dm.task_history)
+        (4, 2)
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("task/val"))
+        ['task/val_accuracy', 'task/val_loss']
     """
 
     def __init__(
@@ -185,8 +201,24 @@ class ContinualRegressor(_ContinualModule):
 
     Example::
 
-        dm = ContinualDataModule("regression_teacher", "slowly_changing_regression")
-        Trainer().fit(ContinualRegressor(optimizer="sgd", lr=0.01), datamodule=dm)
+        >>> import tempfile
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import ContinualRegressor
+        >>> dm = ContinualDataModule("regression_teacher", "slowly_changing_regression",
+        ...                          num_tasks=2, steps_per_task=2, batch_size=16, val_size=32,
+        ...                          synthetic_num_examples=256)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> model = ContinualRegressor(optimizer="sgd", lr=0.01)
+        >>> trainer.fit(model, datamodule=dm)
+        >>> model.hparams.input_shape, model.hparams.num_outputs  # 20 input bits, 1 target
+        ((20,), 1)
+        >>> trainer.global_step, len(dm.task_history)
+        (4, 2)
+        >>> "task/val_loss" in trainer.callback_metrics
+        True
     """
 
     @override

@@ -254,10 +254,24 @@ class L2Regularizer(_RegularizerMixin):
 
     Example::
 
-        class Net(L2Regularizer, ContinualClassifier):
-            pass
-
-        Trainer().fit(Net(l2_coef=1e-4), datamodule=ContinualDataModule("digits"))
+        >>> import tempfile
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import ContinualClassifier
+        >>> from lightning_plasticity.regularizers import L2Regularizer
+        >>> class Net(L2Regularizer, ContinualClassifier):
+        ...     pass
+        >>> dm = ContinualDataModule("digits", num_tasks=2, steps_per_task=2, batch_size=16,
+        ...                          val_size=32)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> model = Net(l2_coef=1e-4)
+        >>> trainer.fit(model, datamodule=dm)
+        >>> trainer.global_step, model.hparams.l2_coef
+        (4, 0.0001)
+        >>> bool(trainer.callback_metrics["reg/l2"] > 0)  # ||theta||^2, logged as reg/l2
+        True
     """
 
     def __init__(self, *args: Any, l2_coef: float = 1e-4, **kwargs: Any) -> None:
@@ -293,10 +307,24 @@ class L2InitRegularizer(_InitAnchorMixin):
 
     Example::
 
-        class Net(L2InitRegularizer, ContinualClassifier):
-            pass
-
-        Trainer().fit(Net(l2_init_coef=1e-3), datamodule=ContinualDataModule("digits"))
+        >>> import tempfile
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import ContinualClassifier
+        >>> from lightning_plasticity.regularizers import L2InitRegularizer
+        >>> class Net(L2InitRegularizer, ContinualClassifier):
+        ...     pass
+        >>> dm = ContinualDataModule("digits", num_tasks=2, steps_per_task=2, batch_size=16,
+        ...                          val_size=32)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> model = Net(l2_init_coef=1e-3)
+        >>> trainer.fit(model, datamodule=dm)
+        >>> trainer.global_step, "reg/l2_init" in trainer.callback_metrics
+        (4, True)
+        >>> bool(model.l2_init_distance() > 0)  # training moved the weights away from theta_0
+        True
     """
 
     def __init__(self, *args: Any, l2_init_coef: float = 1e-3, l2_init_squared: bool = True,
@@ -342,10 +370,24 @@ class WassersteinInitRegularizer(_InitAnchorMixin):
 
     Example::
 
-        class Net(WassersteinInitRegularizer, ContinualClassifier):
-            pass
-
-        Trainer().fit(Net(wasserstein_coef=0.1), datamodule=ContinualDataModule("digits"))
+        >>> import tempfile
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import ContinualClassifier
+        >>> from lightning_plasticity.regularizers import WassersteinInitRegularizer
+        >>> class Net(WassersteinInitRegularizer, ContinualClassifier):
+        ...     pass
+        >>> dm = ContinualDataModule("digits", num_tasks=2, steps_per_task=2, batch_size=16,
+        ...                          val_size=32)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> model = Net(wasserstein_coef=0.1)
+        >>> trainer.fit(model, datamodule=dm)
+        >>> trainer.global_step, "reg/wasserstein_init" in trainer.callback_metrics
+        (4, True)
+        >>> bool(model.wasserstein_init_distance() > 0)
+        True
     """
 
     def __init__(self, *args: Any, wasserstein_coef: float = 1e-2, **kwargs: Any) -> None:
@@ -398,11 +440,23 @@ class L2ERRegularizer(_RegularizerMixin):
 
     Example::
 
-        class Net(L2ERRegularizer, ContinualClassifier):
-            pass
-
-        Trainer().fit(Net(l2er_coef=1e-3, l2er_l2_coef=0.1),
-                      datamodule=ContinualDataModule("digits"))
+        >>> import tempfile
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import ContinualClassifier
+        >>> from lightning_plasticity.regularizers import L2ERRegularizer
+        >>> class Net(L2ERRegularizer, ContinualClassifier):
+        ...     pass
+        >>> dm = ContinualDataModule("digits", num_tasks=2, steps_per_task=2, batch_size=16,
+        ...                          val_size=32)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> trainer.fit(Net(l2er_coef=1e-3, l2er_l2_coef=0.1), datamodule=dm)
+        >>> sorted(name for name in trainer.callback_metrics if name.startswith("reg/"))
+        ['reg/l2er', 'reg/l2er_effective_rank']
+        >>> bool(trainer.callback_metrics["reg/l2er_effective_rank"] > 1)
+        True
     """
 
     def __init__(self, *args: Any, l2er_coef: float = 1e-3, l2er_l2_coef: float = 0.1,
@@ -474,6 +528,18 @@ class L2InitWassersteinClassifier(L2InitRegularizer, WassersteinInitRegularizer,
 
     Example::
 
-        model = L2InitWassersteinClassifier(lr=1e-2, l2_init_coef=1e-3, wasserstein_coef=0.0)
-        Trainer().fit(model, datamodule=ContinualDataModule("digits", "permuted_labels"))
+        >>> import tempfile
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.regularizers import L2InitWassersteinClassifier
+        >>> model = L2InitWassersteinClassifier(lr=1e-2, l2_init_coef=1e-3, wasserstein_coef=0.0)
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> trainer.fit(model, datamodule=dm)
+        >>> # wasserstein_coef=0.0: the Wasserstein distance is only logged, not added to the loss
+        >>> sorted(name for name in trainer.callback_metrics if name.startswith("reg/"))
+        ['reg/l2_init', 'reg/wasserstein_init']
     """

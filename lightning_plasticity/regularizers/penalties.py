@@ -66,7 +66,17 @@ def l2_penalty(params: Iterable[Tensor]) -> Tensor:
 
     Example::
 
-        loss = task_loss + 1e-4 * l2_penalty(model.parameters())
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.regularizers import l2_penalty
+        >>> _ = torch.manual_seed(0)
+        >>> model, x, y = nn.Linear(4, 2), torch.randn(8, 4), torch.randn(8, 2)
+        >>> task_loss = F.mse_loss(model(x), y)
+        >>> loss = task_loss + 1e-4 * l2_penalty(model.parameters())
+        >>> loss.backward()
+        >>> l2_penalty([torch.ones(2, 3), torch.full((2,), 2.0)])  # 6 * 1 + 2 * 4
+        tensor(14.)
     """
     params = list(params)
     total = _zero(params)
@@ -105,9 +115,24 @@ def l2_init_penalty(params: Iterable[Tensor], anchors: Iterable[Tensor], squared
 
     Example::
 
-        theta_0 = [p.detach().clone() for p in model.parameters()]
-        ...
-        loss = task_loss + 1e-3 * l2_init_penalty(model.parameters(), theta_0)
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.regularizers import l2_init_penalty
+        >>> _ = torch.manual_seed(0)
+        >>> model, x, y = nn.Linear(4, 2), torch.randn(8, 4), torch.randn(8, 2)
+        >>> theta_0 = [p.detach().clone() for p in model.parameters()]
+        >>> l2_init_penalty(model.parameters(), theta_0).item()  # 0 at the initial parameters
+        0.0
+        >>> task_loss = F.mse_loss(model(x), y)
+        >>> loss = task_loss + 1e-3 * l2_init_penalty(model.parameters(), theta_0)
+        >>> loss.backward()
+        >>> with torch.no_grad():
+        ...     _ = model.bias.add_(1.0)  # move both biases by 1
+        >>> round(l2_init_penalty(model.parameters(), theta_0).item(), 4)  # 1^2 + 1^2
+        2.0
+        >>> round(l2_init_penalty(model.parameters(), theta_0, squared=False).item(), 4)
+        1.4142
     """
     params, anchors = _pairs(params, anchors, "l2_init_penalty")
     total = _zero(params)
@@ -153,9 +178,22 @@ def wasserstein_init_penalty(params: Iterable[Tensor], anchors: Iterable[Tensor]
 
     Example::
 
-        theta_0 = [p.detach().clone() for p in model.parameters()]
-        ...
-        loss = task_loss + 1e-2 * wasserstein_init_penalty(model.parameters(), theta_0)
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.regularizers import l2_init_penalty, wasserstein_init_penalty
+        >>> _ = torch.manual_seed(0)
+        >>> model, x, y = nn.Linear(4, 2), torch.randn(8, 4), torch.randn(8, 2)
+        >>> theta_0 = [p.detach().clone() for p in model.parameters()]
+        >>> task_loss = F.mse_loss(model(x), y)
+        >>> loss = task_loss + 1e-2 * wasserstein_init_penalty(model.parameters(), theta_0)
+        >>> loss.backward()
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(model.weight.flip(1))  # permute the weights
+        >>> wasserstein_init_penalty(model.parameters(), theta_0).item()  # same distribution
+        0.0
+        >>> bool(l2_init_penalty(model.parameters(), theta_0) > 0)  # but they moved
+        True
     """
     params, anchors = _pairs(params, anchors, "wasserstein_init_penalty")
     total = _zero(params)
@@ -232,8 +270,18 @@ def second_moment_effective_rank(activation: Tensor, eps: float | None = None) -
 
     Example::
 
-        h = torch.relu(layer1(x))
-        second_moment_effective_rank(h)  # how many directions the batch of features spans
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.regularizers import second_moment_effective_rank
+        >>> _ = torch.manual_seed(0)
+        >>> layer1, x = nn.Linear(8, 16), torch.randn(32, 8)
+        >>> h = torch.relu(layer1(x))
+        >>> erank = second_moment_effective_rank(h)  # how many directions the batch spans
+        >>> bool(1 <= erank <= 16), erank.requires_grad
+        (True, True)
+        >>> round(float(second_moment_effective_rank(torch.eye(4))), 4)  # 4 equal directions
+        4.0
     """
     eigenvalues, total = _spectrum(activation)
     return _entropy_rank(eigenvalues, total, eps)
@@ -266,7 +314,20 @@ def effective_rank_penalty(activations: Iterable[Tensor], reduction: LayerReduct
 
     Example::
 
-        loss = task_loss + 1e-2 * effective_rank_penalty([h1, h2])
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.regularizers import effective_rank_penalty
+        >>> _ = torch.manual_seed(0)
+        >>> layer1, layer2, head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        >>> x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        >>> h1 = torch.relu(layer1(x))
+        >>> h2 = torch.relu(layer2(h1))
+        >>> task_loss = F.cross_entropy(head(h2), y)
+        >>> loss = task_loss + 1e-2 * effective_rank_penalty([h1, h2])
+        >>> loss.backward()
+        >>> round(float(effective_rank_penalty([torch.eye(4), torch.eye(2)])), 4)  # -(4 + 2)
+        -6.0
     """
     if reduction not in ("sum", "direct_sum"):
         raise ValueError(f"Unknown reduction {reduction!r}. Choose 'sum' or 'direct_sum'.")
@@ -304,6 +365,19 @@ def l2er_penalty(activations: Iterable[Tensor], params: Iterable[Tensor], l2_coe
 
     Example::
 
-        loss = task_loss + 1e-3 * l2er_penalty([h], model.parameters(), l2_coef=0.1)
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.regularizers import l2er_penalty
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+        >>> h = model[1](model[0](x))  # the input of the last layer
+        >>> task_loss = F.cross_entropy(model[2](h), y)
+        >>> loss = task_loss + 1e-3 * l2er_penalty([h], model.parameters(), l2_coef=0.1)
+        >>> loss.backward()
+        >>> penalty = l2er_penalty([torch.eye(4)], [torch.ones(3)], l2_coef=0.1)  # -4 + 0.1 * 3
+        >>> round(float(penalty), 4)
+        -3.7
     """
     return effective_rank_penalty(activations, reduction, eps) + l2_coef * l2_penalty(params)

@@ -76,15 +76,17 @@ def test_foreign_module_with_task_stream() -> None:
 def test_boring_model_falls_back_to_fit_start_and_steps() -> None:
     cb = ENTKCallback(probe_size=8, every_n_train_steps=4)
     fast_trainer(callbacks=[cb], max_steps=8, limit_val_batches=0).fit(BoringModel())
-    assert [h["event"] for h in cb.history] == ["fit_start", "step", "step"]
+    # max_steps ends the first epoch: its end is measured too
+    assert [h["event"] for h in cb.history] == ["fit_start", "step", "step", "epoch_end"]
 
 
-def test_kfac_skips_unsupported_batches_with_one_warning() -> None:
+def test_kfac_measures_single_tensor_batches_with_the_modules_own_loss() -> None:
+    # BoringModel's batches are bare tensors and its loss is not a classifier's: KFAC reads the
+    # head output and the Hessian of the module's own loss instead of skipping.
     cb = KFACCallback(probe_size=8, every_n_train_steps=2)
-    with pytest.warns(UserWarning, match="KFACCallback: skipped the measurement") as record:
-        fast_trainer(callbacks=[cb], max_steps=6, limit_val_batches=0).fit(BoringModel())
-    assert sum("KFACCallback" in str(w.message) for w in record) == 1
-    assert cb.history == []
+    fast_trainer(callbacks=[cb], max_steps=6, limit_val_batches=0).fit(BoringModel())
+    assert [h["event"] for h in cb.history] == ["fit_start", "step", "step", "step", "epoch_end"]
+    assert all(h["curvature/kfac_num_params"] == 66 for h in cb.history)
 
 
 class NaNLoss(LoggingModule):

@@ -118,7 +118,7 @@ def test_bad_arguments(make, message: str) -> None:  # noqa: ANN001
 def test_unknown_feature_layer_warns_and_training_goes_on() -> None:
     cb = FeatureRankCallback(layer="encoder.*")
     trainer = fast_trainer(callbacks=[cb], limit_val_batches=0)
-    with pytest.warns(UserWarning, match="matches no submodule"):
+    with pytest.warns(UserWarning, match="matches no module"):
         trainer.fit(small_classifier(), datamodule=small_stream(num_tasks=2))
     assert trainer.global_step == 10 and cb.history == []
 

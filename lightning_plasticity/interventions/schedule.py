@@ -1,7 +1,11 @@
-"""``ShrinkAndPerturb``: ``theta <- alpha * theta + sigma * theta_fresh`` at task starts or steps.
+"""The base classes every intervention callback shares: seeding, schedule, resume, logging.
 
-Also home of the small base classes every intervention callback shares (seeding that leaves the
-global RNG streams alone and agrees across ranks, the task/step schedule, resume guards, logging).
+* :class:`SeededIntervention`: every random draw comes from :meth:`~SeededIntervention.seed_for`
+  (a hash of a base seed and of where the draw happens), never from the global RNG streams, so
+  adding an intervention does not change the data order or dropout masks of a run, a resumed run
+  draws the same values, and under DDP every rank modifies its replica identically.
+* :class:`ScheduledIntervention`: acts at task starts and/or every ``n`` optimizer steps, never
+  twice for one task or step (also across a resume).
 """
 
 from __future__ import annotations
@@ -13,12 +17,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
-from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from lightning_plasticity.data.seeding import derive_seed
-from lightning_plasticity.measures.unit_utility import fresh_initialization
+
+__all__ = ["INTERVENTION_PREFIX", "ScheduledIntervention", "SeededIntervention"]
 
 #: Metrics of the interventions are logged as ``f"{INTERVENTION_PREFIX}/{name}"``.
 INTERVENTION_PREFIX = "intervention"
@@ -35,6 +38,13 @@ class SeededIntervention(Callback):
 
     Args:
         seed: The base seed, or ``None``.
+
+    Example:
+        >>> cb = SeededIntervention(seed=3)
+        >>> cb.seed_for("task_start", 10) == cb.seed_for("task_start", 10)
+        True
+        >>> cb.seed_for("task_start", 10) == cb.seed_for("task_start", 11)
+        False
     """
 
     #: names this intervention's draws in :meth:`seed_for`
@@ -93,7 +103,9 @@ class ScheduledIntervention(SeededIntervention):
 
     Subclasses implement :meth:`apply`. Task ``0`` is never intervened on (it starts from a
     fresh initialisation), nor is a task twice (a run resumed inside a task whose start was
-    already handled does not repeat it).
+    already handled does not repeat it). The step schedule acts whenever ``trainer.global_step``
+    reaches or passes a multiple of ``every_n_train_steps`` (a manual-optimization module that
+    steps two optimizers per batch advances the global step by two), at most once per step.
 
     Args:
         on_task_start: apply at the start of every ``every_n_tasks``-th task after the first.
@@ -122,12 +134,17 @@ class ScheduledIntervention(SeededIntervention):
         #: the seed of the latest application
         self.last_seed: int | None = None
         self._last_task = 0
-        self._last_step = -1
+        self._last_step = -1  # the step of the latest application
+        self._seen_step = 0  # the step at the latest training batch end
         self._restored = False
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
-              batch: Any) -> None:
-        """Intervene; ``event`` is ``"task_start"`` or ``"step"`` (with the current batch)."""
+              batch: Any) -> bool | None:
+        """Intervene; ``event`` is ``"task_start"`` or ``"step"`` (with the current batch).
+
+        Returns:
+            ``False`` if nothing could be done this time (not counted in :attr:`num_applied`).
+        """
         raise NotImplementedError
 
     @property
@@ -149,22 +166,30 @@ class ScheduledIntervention(SeededIntervention):
                             "task events); without one nothing happens. Set "
                             "every_n_train_steps to act on steps")
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a checkpoint's training state is restored: the step counting starts here.
+        self._seen_step = trainer.global_step
+
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                       task_id: int) -> None:
         """Task event (see :mod:`lightning_plasticity.data.task_events`)."""
         if self.at_task_start and task_id > self._last_task and task_id % self.every_n_tasks == 0:
             self._last_task = task_id
-            self.apply(trainer, pl_module, "task_start", None)
-            self.num_applied += 1
+            if self.apply(trainer, pl_module, "task_start", None) is not False:
+                self.num_applied += 1
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         n, step = self.every_n_train_steps, trainer.global_step
-        # _last_step: with gradient accumulation several batches share one global step.
-        if n is not None and step > 0 and step % n == 0 and step != self._last_step:
-            self._last_step = step
-            self.apply(trainer, pl_module, "step", batch)
+        previous, self._seen_step = self._seen_step, step
+        # Several batches share one global step with gradient accumulation; several optimizer
+        # steps happen in one batch with manual optimization: act when a multiple is crossed.
+        if n is None or step <= previous or step == self._last_step or step // n <= previous // n:
+            return
+        self._last_step = step
+        if self.apply(trainer, pl_module, "step", batch) is not False:
             self.num_applied += 1
 
     @override
@@ -179,117 +204,3 @@ class ScheduledIntervention(SeededIntervention):
         self._last_task = int(state_dict.get("last_task", 0))
         self._last_step = int(state_dict.get("last_step", -1))
         self._restored = True
-
-
-def shrink_perturb(theta: torch.Tensor, fresh: torch.Tensor, alpha: float,
-                   sigma: float) -> torch.Tensor:
-    """``alpha * theta + sigma * fresh`` (the exact expression :class:`ShrinkAndPerturb` uses)."""
-    return alpha * theta + sigma * fresh
-
-
-class ShrinkAndPerturb(ScheduledIntervention):
-    """Shrink the weights towards zero and perturb them with a fresh initialisation.
-
-    ``theta <- alpha * theta + sigma * theta_fresh`` for every trainable parameter, where
-    ``theta_fresh`` is a new draw of the network's own initialisation: a deep copy of the network
-    with ``reset_parameters()`` called on every submodule that has it (see
-    :func:`~lightning_plasticity.measures.unit_utility.fresh_initialization`), drawn from
-    :meth:`seed_for` so that the global RNG streams are not consumed. Ash and Adams (NeurIPS
-    2020, "On warm-starting neural network training") apply it whenever new data arrive, i.e. at
-    task starts, with ``alpha = 0.4`` and noise scale ``sigma = 0.1``: it keeps most of what was
-    learned while restoring the gradient magnitudes of a fresh network. Applied every step with
-    ``alpha`` close to 1 and a small ``sigma`` it is the continual variant Dohare et al. (Nature
-    2024) compare with (they perturb with Gaussian noise instead of a fresh initialisation).
-
-    Parameters of modules without ``reset_parameters`` (e.g. a ViT's class token) are left
-    unchanged (said once in a warning); frozen parameters, buffers and the optimizer state are
-    not touched. Parametrized layers (``spectral_norm``) are refused: their weight is computed
-    from other tensors.
-
-    Args:
-        alpha: shrink factor in ``[0, 1]``.
-        sigma: perturbation scale, ``>= 0``.
-        module: the submodule to act on, by name; default: ``pl_module.network`` if the module
-            has one (the package's modules do), else the whole LightningModule.
-        on_task_start: apply at the start of every ``every_n_tasks``-th task after the first.
-        every_n_train_steps: also apply after every this many optimizer steps.
-        every_n_tasks: task frequency.
-        seed: base seed of the fresh initialisations (default: rank 0's torch seed at fit
-            start); :attr:`last_seed` is the seed of the latest one.
-
-    Example::
-
-        trainer = Trainer(callbacks=[ShrinkAndPerturb(alpha=0.4, sigma=0.1)])
-        trainer.fit(model, datamodule=ContinualDataModule("digits", "permuted_labels"))
-        # continual variant: a gentle shrink and perturb after every step
-        ShrinkAndPerturb(alpha=0.9999, sigma=1e-4, on_task_start=False, every_n_train_steps=1)
-    """
-
-    seed_key = "shrink_and_perturb"
-
-    def __init__(self, alpha: float = 0.4, sigma: float = 0.1, module: str | None = None,
-                 on_task_start: bool = True, every_n_train_steps: int | None = None,
-                 every_n_tasks: int = 1, seed: int | None = None) -> None:
-        super().__init__(on_task_start=on_task_start, every_n_train_steps=every_n_train_steps,
-                         every_n_tasks=every_n_tasks, seed=seed)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"ShrinkAndPerturb: alpha (the shrink factor) must be in [0, 1], "
-                             f"got {alpha}; 0.4 is Ash and Adams' choice, 1 means no shrinking.")
-        if not sigma >= 0.0:
-            raise ValueError(f"ShrinkAndPerturb: sigma (the perturbation scale) must be >= 0, "
-                             f"got {sigma}; 0.1 is Ash and Adams' choice.")
-        self.alpha, self.sigma, self.module = float(alpha), float(sigma), module
-
-    def _state_key_args(self) -> dict[str, Any]:
-        return {**super()._state_key_args(), "alpha": self.alpha, "sigma": self.sigma}
-
-    def target(self, pl_module: pl.LightningModule) -> nn.Module:
-        """The module whose parameters are shrunk and perturbed."""
-        if self.module is not None:
-            modules = dict(pl_module.named_modules())
-            if self.module not in modules:
-                names = [n for n in modules if n][:20]
-                raise ValueError(f"ShrinkAndPerturb: no submodule named {self.module!r}; "
-                                 f"available: {names}.")
-            return modules[self.module]
-        network = getattr(pl_module, "network", None)
-        return network if isinstance(network, nn.Module) else pl_module
-
-    @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        target = self.target(pl_module)
-        bad = [n for n, m in target.named_modules() if parametrize.is_parametrized(m)]
-        if bad:
-            raise ValueError(f"ShrinkAndPerturb: parametrized layers {bad} (e.g. spectral_norm) "
-                             "are not supported; choose another module= or drop the "
-                             "parametrization.")
-        uncovered = self._uncovered(target)
-        if uncovered:
-            self._warn_once(f"parameters {uncovered} belong to no module with "
-                            "reset_parameters(), so they are left unchanged")
-
-    @staticmethod
-    def _uncovered(target: nn.Module) -> list[str]:
-        covered: set[int] = set()
-        for m in target.modules():
-            if callable(getattr(m, "reset_parameters", None)):
-                covered.update(id(p) for p in m.parameters())
-        return [n for n, p in target.named_parameters()
-                if p.requires_grad and id(p) not in covered]
-
-    @override
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
-              batch: Any) -> None:
-        target = self.target(pl_module)
-        seed = self.seed_for(event, trainer.global_step)
-        fresh = dict(fresh_initialization(target, seed).named_parameters())
-        skip = set(self._uncovered(target))
-        with torch.no_grad():
-            for name, p in target.named_parameters():
-                if p.requires_grad and name not in skip:
-                    p.copy_(shrink_perturb(p, fresh[name], self.alpha, self.sigma))
-        self.last_seed = seed
-
-
-__all__ = ["ScheduledIntervention", "SeededIntervention", "ShrinkAndPerturb", "shrink_perturb"]

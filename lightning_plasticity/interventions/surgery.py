@@ -1,17 +1,20 @@
-"""Per-unit statistics and unit surgery for the unit-level interventions (ReDo, continual backprop).
+"""Unit layers and unit surgery for the unit-level interventions (ReDo, continual backprop).
 
 Pure PyTorch, no Lightning import. Three parts:
 
-* **Statistics**: the mean absolute activation of every unit, Sokar et al.'s dormancy score,
-  Dohare et al.'s contribution utility with its exponential moving average and bias correction,
-  and the choice of which units to replace.
-* **Structure**: :func:`find_unit_layers` finds the hidden layers whose units can be replaced, as
-  :class:`UnitLayer` s: an incoming layer (``Linear``/``Conv``) whose output rows are the units, an
-  optional per-unit norm, the activation, and the outgoing layer that reads the units.
-* **Surgery**: :func:`fresh_initialization` (a freshly initialised copy of a module drawn from a
-  seed, without touching the global RNG streams), :func:`reinitialize_units` (incoming rows from a
-  fresh initialisation, outgoing columns zeroed) and the :class:`ParamEntries` it wrote, which the
-  callbacks hand to :func:`~lightning_plasticity.callbacks.optimizer_state.reset_state_entries`.
+* **Structure**: :func:`find_unit_layers` finds the hidden layers whose units can be replaced,
+  as :class:`UnitLayer` s: an incoming layer (``Linear``/``Conv``) whose output rows are the
+  units, an optional per-unit norm, the activation (a module, or ``None`` for a functional one
+  such as ``F.relu``), and the outgoing layer that reads the units.
+* **Activity**: :func:`unit_activity`, the mean absolute activation of every unit, and
+  :meth:`UnitLayer.activity`, which reads it from a recorded call
+  (:class:`~lightning_plasticity.core.record.LayerCall`) of the layer's *observed* module: the
+  activation's output, or, for a functional activation, the outgoing layer's input.
+* **Surgery**: :func:`reinitialize_units` (incoming rows from a fresh initialisation, outgoing
+  columns zeroed) and the :class:`ParamEntries` it wrote, which the callbacks hand to
+  :func:`~lightning_plasticity.interventions.optimizer_state.reset_touched`. Only trainable
+  parameters (``requires_grad=True``) are ever written; a layer whose incoming or outgoing
+  weight is frozen is left alone (see :meth:`UnitLayer.frozen`).
 
 A *unit* is one output row of the incoming layer (a neuron of a ``Linear``, a channel of a
 ``Conv``). An activation that widens its input (``CReLU``: ``cat(relu(x), relu(-x))``) gives each
@@ -20,8 +23,6 @@ unit ``multiplier`` copies in the activation output, at positions ``i + k * num_
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,25 +30,19 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_plasticity.core.initialization import fresh_initialization
+from lightning_plasticity.core.record import LayerCall
+
 __all__ = [
+    "SUPPORTED_ARCHITECTURES",
     "ParamEntries",
     "UnitLayer",
-    "bias_corrected",
-    "contribution_utility",
-    "dormant_scores",
-    "dormant_units",
-    "ema_update",
     "find_unit_layers",
-    "fresh_initialization",
-    "lowest_utility_units",
     "reinitialize_incoming",
     "reinitialize_units",
-    "replacement_count",
     "unit_activity",
     "zero_outgoing",
 ]
-
-# ------------------------------------------------------------------------------- statistics
 
 
 def unit_activity(activation: Tensor, unit_dim: int = 1) -> Tensor:
@@ -64,8 +59,8 @@ def unit_activity(activation: Tensor, unit_dim: int = 1) -> Tensor:
     Returns:
         A 1-D tensor of ``activation.shape[unit_dim]`` entries.
 
-    Example::
-
+    Example:
+        >>> import torch
         >>> unit_activity(torch.tensor([[1.0, -2.0, 0.0], [3.0, 2.0, 0.0]]))
         tensor([2., 2., 0.])
     """
@@ -73,167 +68,6 @@ def unit_activity(activation: Tensor, unit_dim: int = 1) -> Tensor:
     if not h.is_floating_point() or h.dtype in (torch.float16, torch.bfloat16):
         h = h.float()
     return h.abs().movedim(unit_dim, 0).reshape(h.shape[unit_dim], -1).mean(dim=1)
-
-
-def dormant_scores(activity: Tensor) -> Tensor:
-    """Sokar et al.'s normalised activity ``s_i = a_i / ((1/K) sum_k a_k)`` of the K units.
-
-    From "The Dormant Neuron Phenomenon in Deep Reinforcement Learning" (Sokar, Agarwal, Castro
-    and Evci, ICML 2023), with ``a_i = E|h_i|`` from :func:`unit_activity`. A layer whose units
-    are all exactly zero has scores of zero (every unit dormant) rather than ``0/0``.
-
-    Args:
-        activity: ``a``, one entry per unit of one layer.
-
-    Returns:
-        ``s``, same shape.
-
-    Example::
-
-        >>> dormant_scores(torch.tensor([2.0, 2.0, 0.0, 0.0]))
-        tensor([2., 2., 0., 0.])
-    """
-    mean = activity.mean()
-    if mean <= 0:
-        return torch.zeros_like(activity)
-    return activity / mean
-
-
-def dormant_units(activity: Tensor, tau: float, multiplier: int = 1) -> Tensor:
-    """Which units are tau-dormant: ``s_i <= tau`` (Sokar et al., 2023).
-
-    ``tau = 0`` selects the units that are exactly zero on every input (dead ReLUs); Sokar et al.
-    recycle with small positive thresholds such as ``0.025``. With ``multiplier > 1`` (CReLU) the
-    scores are taken over the ``multiplier * num_units`` activation outputs and a unit is dormant
-    when all its copies are.
-
-    Args:
-        activity: ``a``, ``multiplier * num_units`` entries (activation outputs).
-        tau: The threshold, ``>= 0``.
-        multiplier: Activation outputs per unit.
-
-    Returns:
-        A boolean mask of ``num_units`` entries.
-
-    Example::
-
-        >>> dormant_units(torch.tensor([1.0, 0.01, 0.0, 2.99]), tau=0.025)
-        tensor([False,  True,  True, False])
-    """
-    if tau < 0:
-        raise ValueError(f"dormant_units: tau must be >= 0, got {tau}.")
-    mask = dormant_scores(activity) <= tau
-    return mask.reshape(multiplier, -1).all(dim=0)
-
-
-def contribution_utility(activity: Tensor, outgoing_magnitude: Tensor,
-                         multiplier: int = 1) -> Tensor:
-    """Dohare et al.'s contribution utility of every unit on one batch.
-
-    ``u_i = E|h_i| * sum_k |w_ki|``: how much unit ``i`` contributes to the next layer, where
-    ``w_ki`` are its outgoing weights (Dohare, Hernandez-Garcia, Lan, Rahman, Mahmood and Sutton,
-    "Loss of plasticity in deep continual learning", Nature 2024). Their reference code uses the
-    mean instead of the sum over ``k``; within a layer, where units are compared, the two rank
-    units identically. With ``multiplier > 1`` (CReLU) the copies' contributions are added.
-
-    Args:
-        activity: ``E|h|`` per activation output, ``multiplier * num_units`` entries.
-        outgoing_magnitude: ``sum_k |w_k.|`` per activation output, same shape (see
-            :meth:`UnitLayer.outgoing_magnitude`).
-        multiplier: Activation outputs per unit.
-
-    Returns:
-        ``num_units`` utilities.
-
-    Example::
-
-        >>> contribution_utility(torch.tensor([1.0, 0.5]), torch.tensor([2.0, 4.0]))
-        tensor([2., 2.])
-    """
-    return (activity * outgoing_magnitude).reshape(multiplier, -1).sum(dim=0)
-
-
-def ema_update(average: Tensor, value: Tensor, decay: float) -> Tensor:
-    """One step of an exponential moving average: ``decay * average + (1 - decay) * value``.
-
-    Started from zero, after ``a`` steps it is biased towards zero by the factor ``1 - decay**a``,
-    which :func:`bias_corrected` removes.
-    """
-    return decay * average + (1.0 - decay) * value
-
-
-def bias_corrected(average: Tensor, ages: Tensor, decay: float) -> Tensor:
-    """Bias-corrected moving average ``u_hat = u / (1 - decay**a)`` (zero where ``a = 0``).
-
-    Dohare et al. (Nature 2024) correct each unit's utility with its own age ``a_i``, the number
-    of moving-average updates since the unit was (re)initialised, as Adam corrects its moments.
-    A value that stayed ``x`` for ``a`` updates has ``u_hat = x`` exactly.
-
-    Args:
-        average: ``u`` per unit.
-        ages: ``a`` per unit (integers ``>= 0``).
-        decay: The moving-average decay ``eta`` in ``[0, 1)``.
-
-    Returns:
-        ``u_hat`` per unit.
-
-    Example::
-
-        >>> u = ema_update(ema_update(torch.zeros(1), torch.ones(1), 0.9), torch.ones(1), 0.9)
-        >>> torch.allclose(bias_corrected(u, torch.tensor([2]), 0.9), torch.ones(1))
-        True
-    """
-    correction = 1.0 - torch.pow(torch.full_like(average, decay), ages.to(average.dtype))
-    return torch.where(ages > 0, average / correction.clamp_min(torch.finfo(average.dtype).tiny),
-                       torch.zeros_like(average))
-
-
-def replacement_count(budget: float, replacement_rate: float, num_mature: int,
-                      num_units: int) -> tuple[int, float]:
-    """How many units continual backprop replaces in one layer at one step, and the new budget.
-
-    The budget grows by ``replacement_rate * num_mature`` per step (nothing while no unit is
-    mature) and ``floor(budget)`` units are replaced, but never more than ``num_mature`` and never
-    all ``num_units`` units of the layer at once. The whole part of the budget is spent either
-    way, so a capped step does not build up a backlog; the fractional part carries over.
-
-    Args:
-        budget: The layer's accumulated fractional budget.
-        replacement_rate: Replacements per mature unit per step (Dohare et al.'s ``rho``).
-        num_mature: Units older than the maturity threshold.
-        num_units: Units of the layer.
-
-    Returns:
-        ``(count, new_budget)``.
-
-    Example::
-
-        >>> replacement_count(0.5, 0.01, 100, 128)
-        (1, 0.5)
-    """
-    budget = budget + replacement_rate * num_mature
-    whole = math.floor(budget)
-    count = max(0, min(whole, num_mature, num_units - 1))
-    return count, budget - whole
-
-
-def lowest_utility_units(utility: Tensor, eligible: Tensor, count: int) -> Tensor:
-    """The ``count`` eligible units of lowest utility (ties: lower index first).
-
-    Args:
-        utility: Utility per unit.
-        eligible: Boolean mask of the units that may be chosen (the mature ones).
-        count: How many to choose; at most ``eligible.sum()``.
-
-    Returns:
-        Sorted indices (``int64``).
-    """
-    count = min(count, int(eligible.sum()))
-    if count <= 0:
-        return torch.zeros(0, dtype=torch.long, device=utility.device)
-    masked = torch.where(eligible, utility, torch.full_like(utility, math.inf))
-    chosen = torch.sort(masked, stable=True).indices[:count]
-    return chosen.sort().values
 
 
 # ------------------------------------------------------------------------------- structure
@@ -282,10 +116,11 @@ class UnitLayer:
         name: The incoming layer's name (used as the layer's key).
         incoming: The ``Linear``/``Conv`` whose output rows (channels) are the units.
         norm: A per-unit norm between ``incoming`` and ``activation``, or ``None``.
-        activation: The activation module; forward hooks read the units from its output.
+        activation: The activation module, or ``None`` for a functional activation
+            (``F.relu``); then the units are read from the outgoing layer's input.
         outgoing: The ``Linear``/``Conv`` that reads the activation (after any dropout,
             pooling or flattening).
-        names: ``(incoming, norm or "", activation, outgoing)`` module names.
+        names: ``(incoming, norm or "", activation or "", outgoing)`` module names.
         multiplier: Activation outputs per unit (2 for CReLU, else 1).
         group: Outgoing input columns per activation output: 1, or ``H * W`` when a conv
             feature map is flattened (channel-major) into a ``Linear``.
@@ -294,7 +129,7 @@ class UnitLayer:
     name: str
     incoming: nn.Module
     norm: nn.Module | None
-    activation: nn.Module
+    activation: nn.Module | None
     outgoing: nn.Module
     names: tuple[str, str, str, str]
     multiplier: int = 1
@@ -309,6 +144,39 @@ class UnitLayer:
     def unit_dim(self) -> int:
         """The units' dimension in the activation output (``-1`` after a Linear, else 1)."""
         return -1 if isinstance(self.incoming, nn.Linear) else 1
+
+    @property
+    def observed_name(self) -> str:
+        """The module whose calls show the units: the activation, else the outgoing layer."""
+        return self.names[2] if self.activation is not None else self.names[3]
+
+    @property
+    def observed_module(self) -> nn.Module:
+        return self.activation if self.activation is not None else self.outgoing
+
+    def activity(self, call: LayerCall) -> Tensor | None:
+        """``E|h|`` per activation output (``multiplier * num_units`` entries) from one call of
+        :attr:`observed_module`: its output for an activation module, else the outgoing layer's
+        input (a flattened conv feature map is averaged over the positions of each channel)."""
+        if self.activation is not None:
+            return unit_activity(call.output, self.unit_dim)
+        x = call.input
+        if x is None:
+            return None
+        if isinstance(self.outgoing, nn.Linear):
+            return unit_activity(x, -1).reshape(-1, self.group).mean(dim=1)
+        return unit_activity(x, 1)
+
+    def frozen(self) -> str | None:
+        """``"incoming"`` if the incoming weight is frozen (``requires_grad=False``): the units
+        are not trained, so they are not replaced; ``"outgoing"`` if the outgoing weight is
+        frozen: the outgoing weights cannot be zeroed, so replacing a unit would change the
+        network's function; ``None`` if the units can be replaced."""
+        if not self.incoming.weight.requires_grad:
+            return "incoming"
+        if not self.outgoing.weight.requires_grad:
+            return "outgoing"
+        return None
 
     def outgoing_columns(self, units: Tensor) -> Tensor:
         """Indices along ``outgoing.weight``'s dimension 1 that read the given units."""
@@ -346,15 +214,19 @@ def _make_layer(root: nn.Module, names: Sequence[str]) -> UnitLayer:
     if missing:
         raise ValueError(f"unit layer {tuple(names)}: no module named {missing}; module names "
                          f"look like {[n for n in list(modules)[1:13]]}.")
-    if len(names) == 3:
+    norm_name = act_name = ""
+    if len(names) == 2:
+        in_name, out_name = names
+    elif len(names) == 3:
         in_name, act_name, out_name = names
-        norm_name = ""
     elif len(names) == 4:
         in_name, norm_name, act_name, out_name = names
     else:
-        raise ValueError(f"a unit layer is (incoming, activation, outgoing) or (incoming, norm, "
-                         f"activation, outgoing) module names; got {tuple(names)}.")
-    inc, act, out = modules[in_name], modules[act_name], modules[out_name]
+        raise ValueError(f"a unit layer is (incoming, outgoing), (incoming, activation, "
+                         f"outgoing) or (incoming, norm, activation, outgoing) module names; got "
+                         f"{tuple(names)}.")
+    inc, out = modules[in_name], modules[out_name]
+    act = modules[act_name] if act_name else None
     norm = modules[norm_name] if norm_name else None
     label = f"unit layer {in_name!r} -> {out_name!r}"
     for role, m in (("incoming", inc), ("outgoing", out)):
@@ -370,7 +242,7 @@ def _make_layer(root: nn.Module, names: Sequence[str]) -> UnitLayer:
     if norm is not None and not _norm_ok(norm, width):
         raise ValueError(f"{label}: the norm {norm_name!r} ({type(norm).__name__}) is not a "
                          f"per-unit norm over {width} units.")
-    multiplier = 2 if type(act).__name__ == "CReLU" else 1
+    multiplier = 2 if act is not None and type(act).__name__ == "CReLU" else 1
     fan_in = out.in_features if isinstance(out, nn.Linear) else out.in_channels
     per_output, rem = divmod(fan_in, width * multiplier)
     linear_in = isinstance(inc, nn.Linear)
@@ -439,21 +311,32 @@ def find_unit_layers(root: nn.Module,
     Other structures, residual ones in particular, are not guessed: name their layers
     explicitly, ``layers=[("net.0", "net.1", "net.2")]`` or, with a per-unit norm
     (BatchNorm, LayerNorm over the units, GroupNorm, Identity) in between,
-    ``[("fc1", "norm1", "act1", "fc2")]``. The caller then vouches that the activation's output
-    reaches the outgoing layer unchanged except for dropout, pooling or channel-major flattening,
-    and reaches nothing else (no residual connection).
+    ``[("fc1", "norm1", "act1", "fc2")]``. With a functional activation (``F.relu`` in
+    ``forward``: no module to hook), name only the two layers, ``[("fc1", "fc2")]``: the units are
+    then read from the outgoing layer's input. The caller then vouches that the activation's
+    output reaches the outgoing layer unchanged except for dropout, pooling or channel-major
+    flattening, and reaches nothing else (no residual connection).
 
     Args:
         root: The model (a LightningModule or a network); names are relative to it.
-        layers: Explicit ``(incoming, [norm,] activation, outgoing)`` name tuples, or ``None``.
+        layers: Explicit ``(incoming, [[norm,] activation,] outgoing)`` name tuples, or
+            ``None``.
 
     Returns:
         The layers, in module order.
 
     Raises:
         ValueError: If a name is unknown, a structure does not fit (sizes, parametrized or
-            grouped layers, a norm that is not per-unit, an activation module used in more
+            grouped layers, a norm that is not per-unit, an observed module used in more
             than one place), or nothing is found; the message says what to pass instead.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 2))
+        >>> [(layer.name, layer.num_units, layer.observed_name) for layer in find_unit_layers(net)]
+        [('0', 8, '1')]
+        >>> [layer.observed_name for layer in find_unit_layers(net, [("0", "3")])]
+        ['3']
     """
     if layers is not None:
         names = [tuple(t) for t in layers]
@@ -465,19 +348,27 @@ def find_unit_layers(root: nn.Module,
             raise ValueError(
                 f"Found no hidden layer to work on in {type(root).__name__}. Supported "
                 f"automatically: {SUPPORTED_ARCHITECTURES}. For other architectures pass "
-                "layers=[(incoming, activation, outgoing), ...] with module names, for "
-                "layers with no residual connection.")
+                "layers=[(incoming, activation, outgoing), ...] with module names, or "
+                "(incoming, outgoing) for a functional activation such as F.relu, for layers "
+                "with no residual connection.")
     uses: dict[int, int] = {}
     for _, m in root.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
-    result = []
+    result: list[UnitLayer] = []
+    observed: dict[str, str] = {}
     for n in dict.fromkeys(names):
         layer = _make_layer(root, n)
-        if uses.get(id(layer.activation), 0) > 1:
+        what = "activation module" if layer.activation is not None else "outgoing module"
+        if uses.get(id(layer.observed_module), 0) > 1:
             raise ValueError(
-                f"The activation module {layer.names[2]!r} of unit layer {layer.name!r} is "
-                "shared with another place in the model; forward hooks cannot tell its calls "
-                "apart. Use one activation module per layer.")
+                f"The {what} {layer.observed_name!r} of unit layer {layer.name!r} is shared "
+                "with another place in the model; forward hooks cannot tell its calls apart. "
+                "Use one module per place.")
+        if layer.observed_name in observed:
+            raise ValueError(
+                f"Unit layers {observed[layer.observed_name]!r} and {layer.name!r} are both "
+                f"read from the module {layer.observed_name!r}; each unit layer needs its own.")
+        observed[layer.observed_name] = layer.name
         result.append(layer)
     return result
 
@@ -485,45 +376,8 @@ def find_unit_layers(root: nn.Module,
 # ------------------------------------------------------------------------------- surgery
 
 
-def fresh_initialization(module: nn.Module, seed: int) -> nn.Module:
-    """A deep copy of ``module`` with every submodule's ``reset_parameters()`` called.
-
-    The draws come from the global generators re-seeded with ``seed`` inside
-    :func:`torch.random.fork_rng`, so the same ``seed`` gives the same values and the caller's
-    RNG streams (CPU, and the CUDA devices holding the module) are left exactly as they were.
-    The copy has the original's initialisation scheme, e.g. PyTorch's Kaiming-uniform default
-    for ``Linear``/``Conv`` and ones/zeros for norms (BatchNorm's running statistics reset too).
-    Parameters of modules without ``reset_parameters`` keep the original's values.
-
-    Args:
-        module: The module to copy (left unchanged).
-        seed: The seed of the draws.
-
-    Returns:
-        The fresh copy, on the original's devices.
-
-    Example::
-
-        >>> layer = nn.Linear(3, 2)
-        >>> a, b = fresh_initialization(layer, 0), fresh_initialization(layer, 0)
-        >>> torch.equal(a.weight, b.weight)
-        True
-    """
-    devices = sorted({t.device.index if t.device.index is not None else
-                      torch.cuda.current_device()
-                      for t in module.parameters() if t.is_cuda})
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        # Seed only the generators in use: torch.manual_seed would queue a lazy re-seed of
-        # CUDA devices that are not initialised yet, which would run after the fork ends.
-        torch.default_generator.manual_seed(seed)
-        for d in devices:
-            torch.cuda.default_generators[d].manual_seed(seed)
-        fresh = copy.deepcopy(module)
-        for m in fresh.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if callable(reset):
-                reset()
-    return fresh
+def _all_trainable(module: nn.Module) -> bool:
+    return all(p.requires_grad for p in module.parameters(recurse=False))
 
 
 @torch.no_grad()
@@ -532,7 +386,9 @@ def reinitialize_incoming(layer: UnitLayer, units: Tensor, seed: int) -> list[Pa
 
     The units' rows of ``layer.incoming``'s weight and their bias entries, and their entries of
     the norm's per-unit affine parameters and running statistics, are copied from
-    :func:`fresh_initialization` of those modules with ``seed`` (the norm with ``seed + 1``).
+    :func:`~lightning_plasticity.core.initialization.fresh_initialization` of those modules with
+    ``seed`` (the norm with ``seed + 1``). Frozen parameters (``requires_grad=False``) are left
+    alone, and so are the running statistics of a norm with a frozen parameter.
 
     Args:
         layer: The layer.
@@ -551,8 +407,10 @@ def reinitialize_incoming(layer: UnitLayer, units: Tensor, seed: int) -> list[Pa
         fresh = fresh_initialization(module, seed + k)
         fresh_tensors = dict(fresh.named_parameters(recurse=False))
         fresh_tensors.update(fresh.named_buffers(recurse=False))
-        for name, t in [*module.named_parameters(recurse=False),
-                        *module.named_buffers(recurse=False)]:
+        targets = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        if _all_trainable(module):
+            targets += list(module.named_buffers(recurse=False))
+        for name, t in targets:
             if name == "num_batches_tracked" or t.dim() == 0:
                 continue
             idx = units.to(t.device, torch.long)
@@ -568,11 +426,11 @@ def zero_outgoing(layer: UnitLayer, units: Tensor) -> list[ParamEntries]:
     a unit) to zero, so that the units do not change the network's output.
 
     Returns:
-        The parameter entries written.
+        The parameter entries written (none if the outgoing weight is frozen).
     """
-    if units.numel() == 0:
-        return []
     w = layer.outgoing.weight
+    if units.numel() == 0 or not w.requires_grad:
+        return []
     cols = layer.outgoing_columns(units)
     w.index_fill_(1, cols, 0.0)
     return [ParamEntries(w, 1, cols)]
@@ -587,7 +445,8 @@ def reinitialize_units(layers: Sequence[UnitLayer], units: Sequence[Tensor],
     replaced units' outgoing weights are exactly zero afterwards (also towards replaced units of
     the next layer). The replaced units then do not change the network's output until they have
     learned something (Sokar et al., 2023; Dohare et al., 2024). Nothing else is written: the
-    outgoing bias and all other rows and columns stay bit-identical.
+    outgoing bias and all other rows and columns stay bit-identical. Layers with a frozen
+    incoming or outgoing weight (:meth:`UnitLayer.frozen`) are skipped.
 
     Args:
         layers: The layers.
@@ -596,10 +455,23 @@ def reinitialize_units(layers: Sequence[UnitLayer], units: Sequence[Tensor],
 
     Returns:
         The parameter entries written, for resetting the optimizer state of exactly those.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        >>> layers = find_unit_layers(net)
+        >>> touched = reinitialize_units(layers, [torch.tensor([1, 3])], seeds=[0])
+        >>> [(tuple(e.param.shape), e.dim, e.index.tolist()) for e in touched]
+        [((4, 3), 0, [1, 3]), ((4,), 0, [1, 3]), ((2, 4), 1, [1, 3])]
+        >>> net[2].weight[:, [1, 3]].abs().sum().item()
+        0.0
     """
+    chosen = [(layer, u, seed) for layer, u, seed in zip(layers, units, seeds)
+              if layer.frozen() is None]
     touched: list[ParamEntries] = []
-    for layer, u, seed in zip(layers, units, seeds):
+    for layer, u, seed in chosen:
         touched += reinitialize_incoming(layer, u, seed)
-    for layer, u in zip(layers, units):
+    for layer, u, _ in chosen:
         touched += zero_outgoing(layer, u)
     return touched

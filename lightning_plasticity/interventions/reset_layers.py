@@ -7,21 +7,63 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from typing_extensions import override
 
-from lightning_plasticity.callbacks.optimizer_state import reset_parameter_state
-from lightning_plasticity.callbacks.shrink_and_perturb import ScheduledIntervention
-from lightning_plasticity.measures.unit_utility import fresh_initialization
+from lightning_plasticity.core.initialization import fresh_initialization
+from lightning_plasticity.core.layers import ROOT_NAME, describe_names, parameterised_layers
+from lightning_plasticity.interventions.optimizer_state import drop_state
+from lightning_plasticity.interventions.schedule import ScheduledIntervention
 
-# How many layer names an error message lists before eliding the rest.
-_MAX_NAMES = 30
+__all__ = ["ResetLayers", "copy_trainable", "default_last_layer"]
 
 
 def _parameterised_layers(pl_module: nn.Module) -> list[str]:
-    return [n for n, m in pl_module.named_modules()
-            if n and any(True for _ in m.parameters(recurse=False))]
+    return [n for n in parameterised_layers(pl_module) if n != ROOT_NAME]
+
+
+@torch.no_grad()
+def copy_trainable(module: nn.Module, fresh: nn.Module) -> tuple[list[nn.Parameter], list[str]]:
+    """Copy ``fresh``'s values into ``module``'s trainable parameters, in place.
+
+    ``fresh`` has ``module``'s structure (a :func:`~lightning_plasticity.core.initialization.
+    fresh_initialization` of it). Frozen parameters (``requires_grad=False``) keep their values,
+    and so do the buffers (BatchNorm's running statistics) of a submodule with a frozen
+    parameter; every other buffer is copied. Copying in place keeps the ``Parameter`` objects the
+    optimizers hold.
+
+    Returns:
+        The parameters written, and the names of the frozen parameters left alone.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> layer = nn.Linear(2, 2)
+        >>> _ = layer.bias.requires_grad_(False)
+        >>> written, frozen = copy_trainable(layer, nn.Linear(2, 2))
+        >>> [tuple(p.shape) for p in written], frozen
+        ([(2, 2)], ['bias'])
+    """
+    written: list[nn.Parameter] = []
+    frozen: list[str] = []
+    for (prefix, m), twin in zip(module.named_modules(), fresh.modules()):
+        p_fresh = dict(twin.named_parameters(recurse=False))
+        all_trainable = True
+        for name, p in m.named_parameters(recurse=False):
+            if p.requires_grad:
+                p.copy_(p_fresh[name])
+                written.append(p)
+            else:
+                all_trainable = False
+                frozen.append(f"{prefix}.{name}" if prefix else name)
+        if all_trainable:
+            b_fresh = dict(twin.named_buffers(recurse=False))
+            for name, b in m.named_buffers(recurse=False):
+                if b_fresh.get(name) is not None:
+                    b.copy_(b_fresh[name])
+    return written, frozen
 
 
 def default_last_layer(pl_module: nn.Module) -> str:
@@ -49,10 +91,14 @@ class ResetLayers(ScheduledIntervention):
     * ``reset_layers``: every named layer is reinitialised as at construction
       (``reset_parameters()`` of it and its submodules, drawn from :meth:`seed_for` so the
       global RNG streams are not consumed; BatchNorm statistics included). The optimizer state
-      of the reset parameters is dropped too: moments estimated for the old weights mean
-      nothing for the new ones. Nothing else changes.
-    * ``reset_optimizer``: the state of *every* parameter is dropped; the optimizer starts over
-      (for Adam: zero moments and a fresh bias correction) at the next step.
+      of the reset parameters is dropped too, in every optimizer of ``trainer.optimizers`` that
+      holds them: moments estimated for the old weights mean nothing for the new ones. Only
+      trainable parameters are reset: frozen ones (``requires_grad=False``) and the buffers of
+      a submodule with a frozen parameter keep their values (said once in a warning). Nothing
+      else changes.
+    * ``reset_optimizer``: the state of *every* parameter is dropped, in every optimizer; the
+      optimizers start over (for Adam: zero moments and a fresh bias correction) at the next
+      step.
 
     Layer names are checked at fit start: a name (or fnmatch pattern) matching no module is a
     ``ValueError`` listing the layers there are. Task ``0`` is never reset.
@@ -62,17 +108,20 @@ class ResetLayers(ScheduledIntervention):
             (``"network.head"``, ``"network.layers.*"``); ``None``: the last layer, i.e. the
             network's ``head`` or else the last module that owns parameters.
         reset_layers: reinitialise the layers.
-        reset_optimizer: drop the whole optimizer state (``trainer.optimizers[0]``).
+        reset_optimizer: drop the whole state of every optimizer (``trainer.optimizers``).
         every_n_tasks: act at the start of every this many tasks.
         seed: base seed of the reinitialisations (default: rank 0's torch seed at fit start).
 
-    Example::
+    Example:
+        Lyle et al.'s two interventions at every task switch are
+        ``ResetLayers(reset_optimizer=True)``; ``ResetLayers(reset_layers=False,
+        reset_optimizer=True)`` resets the optimizers only. The layers are resolved at fit
+        start:
 
-        # Lyle et al.'s two interventions at every task switch:
-        trainer = Trainer(callbacks=[ResetLayers(reset_optimizer=True)])
-        trainer.fit(model, datamodule=ContinualDataModule("digits", "permuted_labels"))
-        ResetLayers(layers=["network.head", "network.layers.1.linear"])
-        ResetLayers(reset_layers=False, reset_optimizer=True)  # the optimizer only
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> ResetLayers().resolve(net), ResetLayers(layers=["0", "2"]).resolve(net)
+        (['2'], ['0', '2'])
     """
 
     seed_key = "reset_layers"
@@ -113,13 +162,9 @@ class ResetLayers(ScheduledIntervention):
         for pattern in patterns:
             hits = [n for n in modules if n and (n == pattern or fnmatch.fnmatchcase(n, pattern))]
             if not hits:
-                available = _parameterised_layers(pl_module)
-                shown = ", ".join(repr(n) for n in available[:_MAX_NAMES])
-                more = f", ... ({len(available) - _MAX_NAMES} more)" \
-                    if len(available) > _MAX_NAMES else ""
                 raise ValueError(f"ResetLayers: layer {pattern!r} matches no module of "
                                  f"{type(pl_module).__name__}. Layers with parameters: "
-                                 f"{shown}{more}.")
+                                 f"{describe_names(_parameterised_layers(pl_module))}.")
             names.extend(h for h in hits if h not in names)
         # A module inside another selected one is reset with it.
         names = [n for n in names if not any(n.startswith(f"{o}.") for o in names)]
@@ -141,18 +186,17 @@ class ResetLayers(ScheduledIntervention):
     @override
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
               batch: Any) -> None:
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        optimizers = list(trainer.optimizers)
         modules = dict(pl_module.named_modules())
         for i, name in enumerate(self.resolved_layers):
             module = modules[name]
             seed = self.seed_for(event, trainer.global_step, i)
-            # load_state_dict copies in place: the optimizer keeps the same Parameter objects.
-            module.load_state_dict(fresh_initialization(module, seed).state_dict())
-            if optimizer is not None:
-                reset_parameter_state(optimizer, module.parameters())
+            written, frozen = copy_trainable(module, fresh_initialization(module, seed))
+            if frozen:
+                self._warn_once(f"the frozen parameters {[f'{name}.{n}' for n in frozen]} "
+                                "(requires_grad=False) are not reset")
+            drop_state(optimizers, written)
             self.last_seed = seed
-        if self.reset_optimizer and optimizer is not None:
-            reset_parameter_state(optimizer)
+        if self.reset_optimizer:
+            drop_state(optimizers)
 
-
-__all__ = ["ResetLayers", "default_last_layer"]

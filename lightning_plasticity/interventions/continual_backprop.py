@@ -1,7 +1,12 @@
-"""``ContinualBackprop``: replace a small fraction of low-utility mature units every step."""
+"""``ContinualBackprop``: replace a small fraction of low-utility mature units every step.
+
+Also home of continual backprop's per-unit statistics: the contribution utility, its moving
+average with bias correction, the replacement budget and the choice of the units to replace.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -9,22 +14,140 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_plasticity.callbacks.redo import reset_optimizer_entries
-from lightning_plasticity.callbacks.shrink_and_perturb import SeededIntervention
-from lightning_plasticity.measures.unit_utility import (
+from lightning_plasticity.core.record import LayerCall, hooked
+from lightning_plasticity.interventions.optimizer_state import reset_touched
+from lightning_plasticity.interventions.schedule import SeededIntervention
+from lightning_plasticity.interventions.surgery import (
     UnitLayer,
-    bias_corrected,
-    contribution_utility,
-    ema_update,
     find_unit_layers,
-    lowest_utility_units,
     reinitialize_units,
-    replacement_count,
-    unit_activity,
 )
+
+__all__ = [
+    "ContinualBackprop",
+    "bias_corrected",
+    "contribution_utility",
+    "ema_update",
+    "lowest_utility_units",
+    "replacement_count",
+]
+
+
+def contribution_utility(activity: Tensor, outgoing_magnitude: Tensor,
+                         multiplier: int = 1) -> Tensor:
+    """Dohare et al.'s contribution utility of every unit on one batch.
+
+    ``u_i = E|h_i| * sum_k |w_ki|``: how much unit ``i`` contributes to the next layer, where
+    ``w_ki`` are its outgoing weights (Dohare, Hernandez-Garcia, Lan, Rahman, Mahmood and Sutton,
+    "Loss of plasticity in deep continual learning", Nature 2024). Their reference code uses the
+    mean instead of the sum over ``k``; within a layer, where units are compared, the two rank
+    units identically. With ``multiplier > 1`` (CReLU) the copies' contributions are added.
+
+    Args:
+        activity: ``E|h|`` per activation output, ``multiplier * num_units`` entries.
+        outgoing_magnitude: ``sum_k |w_k.|`` per activation output, same shape (see
+            :meth:`~lightning_plasticity.interventions.surgery.UnitLayer.outgoing_magnitude`).
+        multiplier: Activation outputs per unit.
+
+    Returns:
+        ``num_units`` utilities.
+
+    Example:
+        >>> import torch
+        >>> contribution_utility(torch.tensor([1.0, 0.5]), torch.tensor([2.0, 4.0]))
+        tensor([2., 2.])
+    """
+    return (activity * outgoing_magnitude).reshape(multiplier, -1).sum(dim=0)
+
+
+def ema_update(average: Tensor, value: Tensor, decay: float) -> Tensor:
+    """One step of an exponential moving average: ``decay * average + (1 - decay) * value``.
+
+    Started from zero, after ``a`` steps it is biased towards zero by the factor ``1 - decay**a``,
+    which :func:`bias_corrected` removes.
+    """
+    return decay * average + (1.0 - decay) * value
+
+
+def bias_corrected(average: Tensor, ages: Tensor, decay: float) -> Tensor:
+    """Bias-corrected moving average ``u_hat = u / (1 - decay**a)`` (zero where ``a = 0``).
+
+    Dohare et al. (Nature 2024) correct each unit's utility with its own age ``a_i``, the number
+    of moving-average updates since the unit was (re)initialised, as Adam corrects its moments.
+    A value that stayed ``x`` for ``a`` updates has ``u_hat = x`` exactly.
+
+    Args:
+        average: ``u`` per unit.
+        ages: ``a`` per unit (integers ``>= 0``).
+        decay: The moving-average decay ``eta`` in ``[0, 1)``.
+
+    Returns:
+        ``u_hat`` per unit.
+
+    Example:
+        >>> import torch
+        >>> u = ema_update(ema_update(torch.zeros(1), torch.ones(1), 0.9), torch.ones(1), 0.9)
+        >>> torch.allclose(bias_corrected(u, torch.tensor([2]), 0.9), torch.ones(1))
+        True
+    """
+    correction = 1.0 - torch.pow(torch.full_like(average, decay), ages.to(average.dtype))
+    return torch.where(ages > 0, average / correction.clamp_min(torch.finfo(average.dtype).tiny),
+                       torch.zeros_like(average))
+
+
+def replacement_count(budget: float, replacement_rate: float, num_mature: int,
+                      num_units: int) -> tuple[int, float]:
+    """How many units continual backprop replaces in one layer at one step, and the new budget.
+
+    The budget grows by ``replacement_rate * num_mature`` per step (nothing while no unit is
+    mature) and ``floor(budget)`` units are replaced, but never more than ``num_mature`` and never
+    all ``num_units`` units of the layer at once. The whole part of the budget is spent either
+    way, so a capped step does not build up a backlog; the fractional part carries over.
+
+    Args:
+        budget: The layer's accumulated fractional budget.
+        replacement_rate: Replacements per mature unit per step (Dohare et al.'s ``rho``).
+        num_mature: Units older than the maturity threshold.
+        num_units: Units of the layer.
+
+    Returns:
+        ``(count, new_budget)``.
+
+    Example:
+        >>> replacement_count(0.5, 0.01, 100, 128)
+        (1, 0.5)
+    """
+    budget = budget + replacement_rate * num_mature
+    whole = math.floor(budget)
+    count = max(0, min(whole, num_mature, num_units - 1))
+    return count, budget - whole
+
+
+def lowest_utility_units(utility: Tensor, eligible: Tensor, count: int) -> Tensor:
+    """The ``count`` eligible units of lowest utility (ties: lower index first).
+
+    Args:
+        utility: Utility per unit.
+        eligible: Boolean mask of the units that may be chosen (the mature ones).
+        count: How many to choose; at most ``eligible.sum()``.
+
+    Returns:
+        Sorted indices (``int64``).
+
+    Example:
+        >>> import torch
+        >>> utility, mature = torch.tensor([0.5, 0.1, 0.0]), torch.tensor([True, True, False])
+        >>> lowest_utility_units(utility, mature, 1)
+        tensor([1])
+    """
+    count = min(count, int(eligible.sum()))
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.long, device=utility.device)
+    masked = torch.where(eligible, utility, torch.full_like(utility, math.inf))
+    chosen = torch.sort(masked, stable=True).indices[:count]
+    return chosen.sort().values
 
 
 class ContinualBackprop(SeededIntervention):
@@ -35,26 +158,30 @@ class ContinualBackprop(SeededIntervention):
 
     * its *contribution utility* on the step's batch, ``c_i = E|h_i| * sum_k |w_ki|`` (mean
       absolute activation times the absolute outgoing weights, see
-      :func:`~lightning_plasticity.measures.unit_utility.contribution_utility`), is averaged
+      :func:`contribution_utility`), is averaged
       with decay ``eta``: ``u_i <- eta * u_i + (1 - eta) * c_i``, and bias-corrected with the
       unit's age ``a_i`` (updates since it was initialised): ``u_hat_i = u_i / (1 - eta**a_i)``;
     * units with ``a_i > maturity_threshold`` are *mature*; each layer accrues a fractional
       budget of ``replacement_rate * num_mature`` units per step (nothing while no unit is
       mature) and replaces ``floor(budget)`` of its mature units of lowest ``u_hat``, never more
       than its mature units and never all its units at once (the whole part of the budget is
-      spent either way; see
-      :func:`~lightning_plasticity.measures.unit_utility.replacement_count`);
+      spent either way; see :func:`replacement_count`);
     * a replaced unit gets fresh incoming weights drawn from the layer's own initialisation
       (seeded by :meth:`seed_for`; the global RNG streams are untouched), zero outgoing
       weights (the network's function does not change), zeroed optimizer state for exactly those
       rows and columns, and ``u_i = a_i = 0``.
 
-    The activations are captured by forward hooks on the activation modules during the normal
-    training forward pass (no extra forward pass; only the per-unit means are kept) and used in
-    ``on_train_batch_end``, after the optimizer step. With gradient accumulation, the batch that
-    completes a step is used. Layers are found as for
-    :class:`~lightning_plasticity.callbacks.redo.ReDo`
-    (the package's MLP, CNN, ResNet18 blocks, ``nn.Sequential`` chains, or explicit ``layers``).
+    The activations are captured by forward hooks (:func:`~lightning_plasticity.core.record.
+    hooked`, in place only from ``on_train_batch_start`` to ``on_train_batch_end``) on the
+    activation modules, or on the outgoing layer's input for a functional activation, during the
+    normal training forward pass (no extra forward pass; only the per-unit means are kept) and
+    used in ``on_train_batch_end``, after the optimizer step. With gradient accumulation, the
+    batch that completes a step is used. Layers are found as for
+    :class:`~lightning_plasticity.interventions.redo.ReDo` (the package's MLP, CNN, ResNet18
+    blocks, ``nn.Sequential`` chains, or explicit ``layers``, ``(incoming, outgoing)`` for
+    ``F.relu``). Only trainable parameters are written: a layer whose incoming weight is frozen
+    is left alone, and so is one whose outgoing weight is frozen (said once in a warning).
+    Replaced weights have their state zeroed in every optimizer of ``trainer.optimizers``.
     Under DDP every rank keeps its own average of its own batches (averages are linear, so their
     mean over ranks is the average of the mean) and the utilities are averaged across ranks when
     a layer replaces units; ages and budgets are the same on every rank, so all ranks replace the
@@ -63,7 +190,7 @@ class ContinualBackprop(SeededIntervention):
     Differences from the reference code: the new units' biases are drawn from the layer's
     initialisation (the reference zeroes them), the outgoing layer's bias is not adjusted for the
     removed units' mean activation, and PyTorch's Adam has a single step count per tensor (see
-    :func:`~lightning_plasticity.callbacks.optimizer_state.reset_state_entries`).
+    :func:`~lightning_plasticity.interventions.optimizer_state.reset_state_entries`).
 
     Logged under ``intervention/``: ``cbp_replaced_units`` (the total so far) whenever units are
     replaced.
@@ -73,16 +200,37 @@ class ContinualBackprop(SeededIntervention):
             ``1e-4`` to ``1e-5``), ``>= 0``.
         maturity_threshold: steps a unit is protected after (re)initialisation (``m = 100``).
         decay_rate: the utility average's decay ``eta`` in ``[0, 1)`` (``0.99``).
-        layers: explicit ``(incoming, [norm,] activation, outgoing)`` module names relative to
-            the LightningModule, or ``None`` to find them.
+        layers: explicit ``(incoming, [[norm,] activation,] outgoing)`` module names relative
+            to the LightningModule, or ``None`` to find them.
         reset_optimizer_state: zero the optimizer state of the replaced weights.
         seed: base seed of the new units' weights (default: rank 0's torch seed at fit start).
 
-    Example::
+    Example:
+        With a high rate and an early maturity, units are replaced within a few steps (the
+        counts depend only on the rate and the units' ages: 16 units mature after step 3 give a
+        budget of 1.6, one is replaced; 15 mature ones add 1.5 at step 4, two more):
 
-        trainer = Trainer(callbacks=[ContinualBackprop(replacement_rate=1e-4)])
-        trainer.fit(model, datamodule=ContinualDataModule("digits", "permuted_labels"))
-        trainer.callback_metrics["intervention/cbp_replaced_units"]
+        >>> import lightning.pytorch as pl
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> class Net(pl.LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 2))
+        ...     def training_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         return F.cross_entropy(self.net(x), y)
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+        >>> data = torch.utils.data.TensorDataset(torch.randn(64, 5), torch.randint(0, 2, (64,)))
+        >>> cbp = ContinualBackprop(replacement_rate=0.1, maturity_threshold=2, seed=0)
+        >>> trainer = pl.Trainer(max_steps=4, callbacks=[cbp], logger=False,
+        ...                      enable_checkpointing=False, enable_progress_bar=False,
+        ...                      enable_model_summary=False)
+        >>> trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=16))
+        >>> cbp.num_replaced
+        {'net.0': 3}
     """
 
     seed_key = "continual_backprop"
@@ -119,9 +267,8 @@ class ContinualBackprop(SeededIntervention):
         #: per layer: the units replaced at the latest replacement
         self.last_replaced: dict[str, list[int]] = {}
         self._loaded: dict[str, Any] | None = None
-        self._handles: list[RemovableHandle] = []
+        self._hooks: contextlib.ExitStack | None = None
         self._captured: dict[str, Tensor] = {}
-        self._capturing = False
         self._last_step = 0
 
     @property
@@ -153,31 +300,36 @@ class ContinualBackprop(SeededIntervention):
         if self._loaded is not None:
             self._apply_loaded(self._loaded)
             self._loaded = None
-        for layer in self.unit_layers:
-            self._handles.append(layer.activation.register_forward_hook(self._hook(layer)))
 
-    def _hook(self, layer: UnitLayer) -> Any:
-        # A closure, not a bound method: deep copies of the model (fresh initialisations) copy
-        # forward hooks, and a bound method would drag this callback along.
-        captured, name, unit_dim, owner = self._captured, layer.name, layer.unit_dim, self
+    def _on_call(self) -> Any:
+        # A closure, not a bound method: deep copies of the model made while the hooks are in
+        # place copy them, and a bound method would drag this callback along.
+        captured = self._captured
+        layers = {layer.observed_name: layer for layer in self.unit_layers}
 
-        def hook(module: Any, args: Any, output: Tensor) -> None:
-            # The first call in a training batch is the training forward; later ones (another
-            # callback's probe) and eval-mode calls are not.
-            if owner._capturing and module.training and name not in captured:
-                captured[name] = unit_activity(output, unit_dim)
+        def on_call(call: LayerCall) -> None:
+            # The first train-mode call in a training batch is the training forward; later ones
+            # (another callback's probe) and eval-mode calls are not.
+            if call.module.training and call.name not in captured:
+                activity = layers[call.name].activity(call)
+                if activity is not None:
+                    captured[call.name] = activity
 
-        return hook
+        return on_call
 
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._hooks is not None:
+            self._hooks.close()
+            self._hooks = None
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
-        self._capturing = False
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._remove_hooks()
 
     # ------------------------------------------------------------------ every step
     @override
@@ -188,13 +340,16 @@ class ContinualBackprop(SeededIntervention):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
+        self._remove_hooks()
         self._captured.clear()
-        self._capturing = True
+        modules = {layer.observed_name: layer.observed_module for layer in self.unit_layers}
+        self._hooks = contextlib.ExitStack()
+        self._hooks.enter_context(hooked(modules, self._on_call()))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._capturing = False
+        self._remove_hooks()
         step = trainer.global_step
         if step <= self._last_step:  # no optimizer step since the last update
             return
@@ -212,14 +367,23 @@ class ContinualBackprop(SeededIntervention):
     def update_utilities(self) -> dict[int, int]:
         """Age the units, update their utilities with the captured activations and budgets.
 
+        Layers with a frozen incoming or outgoing weight are skipped (not aged).
+
         Returns:
             How many units to replace, by layer index (layers with none are left out).
         """
         counts: dict[int, int] = {}
         for i, layer in enumerate(self.unit_layers):
-            activity = self._captured.get(layer.name)
+            frozen = layer.frozen()
+            if frozen == "outgoing":
+                self._warn_once(f"the outgoing layer {layer.names[3]!r} of unit layer "
+                                f"{layer.name!r} is frozen, so its units cannot be replaced "
+                                "without changing the network's function; the layer is skipped")
+            if frozen is not None:
+                continue
+            activity = self._captured.get(layer.observed_name)
             if activity is None:
-                self._warn_once(f"the activation {layer.names[2]!r} was not called in a "
+                self._warn_once(f"the module {layer.observed_name!r} was not called in a "
                                 "training step; its layer is skipped on such steps")
                 continue
             instant = contribution_utility(activity, layer.outgoing_magnitude(),
@@ -253,7 +417,7 @@ class ContinualBackprop(SeededIntervention):
                   for layer, count in zip(layers, counts.values())]
         touched = reinitialize_units(layers, chosen, [self.seed_for(step, i) for i in counts])
         if self.reset_optimizer_state:
-            reset_optimizer_entries(trainer, touched)
+            reset_touched(trainer.optimizers, touched)
         for layer, units in zip(layers, chosen):
             name = layer.name
             self.utility[name][units] = 0.0
@@ -294,5 +458,3 @@ class ContinualBackprop(SeededIntervention):
             self.budget[name] = float(state["budget"][name])
             self.num_replaced[name] = int(state.get("num_replaced", {}).get(name, 0))
 
-
-__all__ = ["ContinualBackprop"]
