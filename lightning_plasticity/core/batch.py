@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 __all__ = ["batch_size", "concat_batches", "detach_clone", "index_batch", "shard_batch",
-           "slice_batch", "tensor_leaves"]
+           "slice_batch", "tensor_leaves", "usable"]
 
 
 def tensor_leaves(batch: Any) -> list[Tensor]:
@@ -70,6 +70,12 @@ def index_batch(batch: Any, index: Tensor) -> Any:
 def detach_clone(batch: Any) -> Any:
     """A detached copy of every tensor (a normal tensor even if made in inference mode)."""
     return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, batch)
+
+
+def usable(batch: Any) -> Any:
+    """The batch with inference-mode tensors cloned (they cannot be saved for backward)."""
+    return pytree.tree_map(
+        lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, batch)
 
 
 def concat_batches(batches: Sequence[Any]) -> Any:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["forked_rng", "isolated", "module_device"]
+__all__ = ["forked_rng", "isolated", "module_device", "preserved_buffers", "side_effect_free"]
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -60,6 +60,36 @@ def forked_rng(seed: int | None = None, device: torch.device | None = None) -> I
             torch.default_generator.manual_seed(seed)
             for index in devices:
                 torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BatchNorm running statistics, counters) on exit.
+
+    Restored through ``.data`` and only where changed, so autograd's version counters of the
+    caller's tensors are not bumped: tensors saved for backward stay usable.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, old in saved:
+                if b.shape == old.shape and not torch.equal(b, old):
+                    b.data.copy_(old)
+
+
+@contextlib.contextmanager
+def side_effect_free(model: nn.Module, seed: int | None = None) -> Iterator[None]:
+    """Forwards for a measure: forked (and seeded) RNG, buffers restored, gradients enabled.
+
+    The lighter guard the pure measures use around their own forward passes (dropout in train
+    mode draws the same masks for every forward with the same ``seed``; BatchNorm in train mode
+    leaves no trace); :func:`isolated` is the full guard of the callbacks.
+    """
+    with forked_rng(seed, module_device(model)), preserved_buffers(model), \
+            torch.inference_mode(False), torch.enable_grad():
         yield
 
 

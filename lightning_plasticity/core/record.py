@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from lightning_plasticity.core.batch import batch_size
 from lightning_plasticity.core.layers import ROOT_NAME
 
-__all__ = ["ForwardRecord", "HeadOutput", "LayerCall", "first_tensor", "hooked", "record_forward"]
+__all__ = [
+    "ForwardRecord",
+    "HeadOutput",
+    "LayerCall",
+    "decoupled",
+    "first_tensor",
+    "hooked",
+    "record_forward",
+]
 
 #: ``loss_fn(module, batch) -> scalar``: the module's own loss on a batch.
 LossOfModule = Callable[[nn.Module, Any], Tensor]
@@ -74,11 +82,13 @@ class ForwardRecord:
 
 
 @contextlib.contextmanager
-def hooked(modules: Mapping[str, nn.Module], on_call: Callable[[LayerCall], Any]) -> Iterator[None]:
+def hooked(modules: Mapping[str, nn.Module], on_call: Callable[[LayerCall], Any], *,
+           input_graph: bool = False) -> Iterator[None]:
     """Call ``on_call(LayerCall)`` on every forward call of ``modules``; hooks removed on exit.
 
     ``LayerCall.input`` is a detached copy taken *before* the call when the module works in
-    place (``nn.ReLU(inplace=True)`` overwrites its input), else the detached input;
+    place (``nn.ReLU(inplace=True)`` overwrites its input), else the detached input (with
+    ``input_graph``: the input itself, in the autograd graph, for penalties on it);
     ``LayerCall.output`` is the output itself (in the graph). A non-``None`` return value of
     ``on_call`` replaces the module's output (to decouple it for gradients).
     """
@@ -96,8 +106,9 @@ def hooked(modules: Mapping[str, nn.Module], on_call: Callable[[LayerCall], Any]
             out = first_tensor(output)
             if out is None:
                 return None
-            x = pre if pre is not None else (
-                args[0].detach() if args and isinstance(args[0], Tensor) else None)
+            x = pre
+            if x is None and args and isinstance(args[0], Tensor):
+                x = args[0] if input_graph else args[0].detach()
             index = counts.get(name, 0)
             counts[name] = index + 1
             replaced = on_call(LayerCall(name, module, x, out, index))
@@ -115,6 +126,25 @@ def hooked(modules: Mapping[str, nn.Module], on_call: Callable[[LayerCall], Any]
     finally:
         for handle in handles:
             handle.remove()
+
+
+def decoupled(on_forward: Callable[[str, nn.Module, Tensor | None, Tensor], Any]
+              ) -> Callable[[LayerCall], Tensor]:
+    """An ``on_call`` for :func:`hooked` that hands ``on_forward`` a decoupled layer output.
+
+    ``on_forward(name, module, input, output)`` gets the output (made a leaf that requires grad
+    if it did not, e.g. behind frozen layers) and the network continues from a clone of it, so
+    gradients w.r.t. that output are the layer output's even if the network later modifies it
+    in place (``ReLU(inplace=True)``).
+    """
+    def on_call(call: LayerCall) -> Tensor:
+        out = call.output
+        if not out.requires_grad:
+            out = out.detach().requires_grad_(True)
+        on_forward(call.name, call.module, call.input, out)
+        return out.clone()
+
+    return on_call
 
 
 def record_forward(run: Callable[[], Any], modules: Mapping[str, nn.Module], *,

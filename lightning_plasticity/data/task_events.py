@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
+
+from lightning_plasticity.core.record import first_tensor
 
 if TYPE_CHECKING:
     from lightning_plasticity.data.datamodule import ContinualDataModule
@@ -45,6 +47,16 @@ def dispatch_task_event(trainer: pl.Trainer, pl_module: pl.LightningModule, even
             hook(trainer, pl_module, task_id)
 
 
+def _accuracy(logits: Tensor, target: Any) -> Tensor | None:
+    """Accuracy of ``(..., C)`` logits on integer targets of shape ``(...)``, else None."""
+    if not isinstance(target, Tensor) or target.is_floating_point() or logits.dim() < 2 or \
+            tuple(logits.shape[:-1]) != tuple(target.shape):
+        return None
+    return multiclass_accuracy(logits.detach().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                               num_classes=logits.shape[-1], average="micro",
+                               validate_args=False)
+
+
 def _loss_and_logits(outputs: Any) -> tuple[Tensor | None, Tensor | None]:
     if isinstance(outputs, Tensor):
         return outputs.detach(), None
@@ -62,6 +74,11 @@ class TaskEventDispatcher(Callback):
     Added automatically by :class:`ContinualDataModule` during ``fit``; it has no state of its
     own (the data module's ``state_dict`` holds the task progress).
 
+    Training accuracy comes from the ``"logits"`` a ``training_step`` returns, or, for a step
+    that returns only its loss, from the output of the module's head (the last trainable layer
+    its loss calls, found once at the start of fit by one recorded pass of the loss on a probe
+    batch, without side effects) captured by a forward hook during the step.
+
     Example::
 
         class ResetHead(Callback):
@@ -70,6 +87,51 @@ class TaskEventDispatcher(Callback):
 
         Trainer(callbacks=[ResetHead()]).fit(model, datamodule=ContinualDataModule())
     """
+
+    def __init__(self) -> None:
+        self._head_output: Tensor | None = None
+        self._handle: Any = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = _datamodule(trainer)
+        if dm is None or dm.is_regression or self._handle is not None:
+            return
+        from lightning_plasticity.callbacks.probe import (
+            find_head,
+            measurement_context,
+            record_loss_pass,
+        )
+
+        try:
+            with measurement_context(pl_module, trainer):
+                batch = dm.probe_batch(2, device=pl_module.device)
+                name = find_head(record_loss_pass(pl_module, batch))
+        except Exception:  # the step's own "logits" (if any) remain the only source
+            return
+        head: nn.Module = pl_module if name == "(root)" else pl_module.get_submodule(name)
+
+        def capture(module: nn.Module, args: Any, output: Any) -> None:
+            out = first_tensor(output)
+            if out is not None:
+                self._head_output = out.detach()
+
+        self._handle = head.register_forward_hook(capture)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle, self._head_output = None, None
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self._head_output = None
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -87,11 +149,12 @@ class TaskEventDispatcher(Callback):
         if dm is None:
             return
         loss, logits = _loss_and_logits(outputs)
+        if logits is None:
+            logits = self._head_output
         accuracy = None
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
-        if logits is not None and isinstance(target, Tensor) and not dm.is_regression:
-            accuracy = multiclass_accuracy(logits.detach(), target, num_classes=logits.shape[-1],
-                                           average="micro", validate_args=False)
+        if logits is not None and not dm.is_regression:
+            accuracy = _accuracy(logits, target)
         if loss is not None:
             dm._record_batch(trainer.current_epoch, batch_idx, loss, accuracy)
         # self.log costs about a millisecond a call: only call it on steps the loggers write.

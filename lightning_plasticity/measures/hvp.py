@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_plasticity.core.isolation import forked_rng, preserved_buffers
 from lightning_plasticity.measures.parameter_selection import NamedParams, select_parameters
 
 __all__ = [
@@ -123,27 +124,9 @@ def _twice_differentiable_attention() -> contextlib.AbstractContextManager[None]
 
 @contextlib.contextmanager
 def _preserve_rng_and_buffers(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Run a forward pass without side effects on the global RNG or the model's buffers.
-
-    Dropout draws from the global generator and BatchNorm in train mode updates its running
-    statistics; a measurement must change neither. Buffers are restored through ``.data`` so
-    that autograd's version counters are not bumped: tensors saved for backward stay usable.
-    """
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
-    if device.type == "cpu":
-        rng = torch.random.fork_rng(devices=[])
-    else:
-        index = device.index if device.index is not None else 0
-        rng = torch.random.fork_rng(devices=[index], device_type=device.type)
-    with rng:
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, b in model.named_buffers():
-                    old = saved.get(name)
-                    if old is not None and old.shape == b.shape and not torch.equal(old, b):
-                        b.data.copy_(old)
+    """Forward passes without side effects on the global RNG or the model's buffers."""
+    with forked_rng(device=device), preserved_buffers(model):
+        yield
 
 
 def _symmetrise_(H: Tensor, block: int = 1024) -> None:

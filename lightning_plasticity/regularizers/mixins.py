@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_plasticity.core.record import LayerCall, hooked
 from lightning_plasticity.models.continual_module import ContinualClassifier
 from lightning_plasticity.regularizers.penalties import (
     LayerReduction,
@@ -422,7 +423,8 @@ class L2ERRegularizer(_RegularizerMixin):
     Lewandowski et al.'s tau-trainability poster), where ``erank`` is the effective rank
     ``exp(H(lambda / sum(lambda)))`` (Roy & Vetterli 2007) of the second moments ``E[a a^T]`` of the
     inputs ``a`` of every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` layer. The inputs are collected by
-    forward pre-hooks during the training step's own forward pass (no extra forward); inputs that
+    forward hooks (:func:`lightning_plasticity.core.record.hooked`, in place only while the step
+    runs) during the training step's own forward pass (no extra forward); inputs that
     do not depend on trainable parameters (the data entering the first layer) are skipped, since
     no parameter can change their rank. Each layer's rank comes from the eigenvalues of its small
     ``n x n`` (batch) Gram matrix, or the ``d x d`` second moment when the layer is narrower than
@@ -468,41 +470,29 @@ class L2ERRegularizer(_RegularizerMixin):
         super().__init__(*args, **kwargs)
         self.l2er_coef, self.l2er_l2_coef = float(l2er_coef), float(l2er_l2_coef)
         self.l2er_reduction: LayerReduction = l2er_reduction
-        self._l2er_handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._l2er_inputs: list[Tensor] | None = None
         self._record_hparams({"l2er_coef": l2er_coef, "l2er_l2_coef": l2er_l2_coef,
                               "l2er_reduction": l2er_reduction})
 
-    def _l2er_collect(self, module: nn.Module, inputs: tuple[Any, ...]) -> None:
-        # A bound method (not a closure) so that deep copies of the module collect for the copy.
-        if self._l2er_inputs is not None and inputs and isinstance(inputs[0], Tensor) \
-                and inputs[0].requires_grad:
-            self._l2er_inputs.append(inputs[0])
-
-    def _l2er_register_hooks(self) -> None:
-        for handle in self._l2er_handles:
-            handle.remove()
-        self._l2er_handles = [m.register_forward_pre_hook(self._l2er_collect)
-                              for m in self.modules() if isinstance(m, L2ER_LAYER_TYPES)]
-        if not self._l2er_handles:
-            rank_zero_warn(f"{type(self).__name__} has no nn.Linear or nn.Conv layer, so "
-                           "L2ERRegularizer's effective-rank term is 0.")
+    def _l2er_layers(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, L2ER_LAYER_TYPES)}
 
     @override
     def on_fit_start(self) -> None:
-        self._l2er_register_hooks()  # the network exists now (configure_model has run)
+        if not self._l2er_layers():  # the network exists now (configure_model has run)
+            rank_zero_warn(f"{type(self).__name__} has no nn.Linear or nn.Conv layer, so "
+                           "L2ERRegularizer's effective-rank term is 0.")
         super().on_fit_start()
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._l2er_handles:
-            self._l2er_register_hooks()
-        self._l2er_inputs = []
-        try:
+        inputs: list[Tensor] = []
+
+        def collect(call: LayerCall) -> None:
+            if call.input is not None and call.input.requires_grad:
+                inputs.append(call.input)
+
+        with hooked(self._l2er_layers(), collect, input_graph=True):
             output = self._inner_training_step(L2ERRegularizer, args, kwargs)
-            inputs = self._l2er_inputs
-        finally:
-            self._l2er_inputs = None
         params = [p for p in self.parameters() if p.requires_grad]
         rank: list[Tensor] = []
 

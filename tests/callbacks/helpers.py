@@ -56,3 +56,22 @@ class HistoryDump(pl.Callback):
                      if hasattr(c, "history") and isinstance(c.history, list)}
         path = Path(self.folder) / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(histories))
+
+
+class NoForwardReLU(pl.LightningModule):
+    """A user's module with no forward(): F.relu between layers called in training_step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(64, 24), nn.Linear(24, 16), nn.Linear(16, 10)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        h = nn.functional.relu(self.fc1(x.flatten(1)))
+        h = torch.relu(self.fc2(h))
+        loss = nn.functional.cross_entropy(self.out(h), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -13,15 +14,22 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_plasticity.callbacks import (
+    ENTKCallback,
     FeatureRankCallback,
     GradientInterferenceCallback,
+    KFACCallback,
     ParameterStatsCallback,
     PlasticityProbeCallback,
     UnitActivityCallback,
 )
 from lightning_plasticity.data import ContinualDataModule
 from lightning_plasticity.models import MLP, ContinualClassifier
-from tests.callbacks.helpers import HistoryDump, small_classifier, small_stream
+from tests.callbacks.helpers import (
+    HistoryDump,
+    NoForwardReLU,
+    small_classifier,
+    small_stream,
+)
 from tests.data.helpers import fast_trainer
 
 
@@ -50,16 +58,25 @@ def test_quickstart_trends_match_the_seeds() -> None:
     assert norm_last > 1.2 * norm_first
 
 
-def test_ddp_equals_one_process(tmp_path: Path) -> None:
+def _package_classifier() -> pl.LightningModule:
+    model = small_classifier()
+    model.network = model._network_factory((1, 8, 8), 10)
+    return model
+
+
+@pytest.mark.parametrize("make_model", [_package_classifier, NoForwardReLU],
+                         ids=["package_classifier", "no_forward_functional_relu"])
+def test_ddp_equals_one_process(tmp_path: Path, make_model: Callable) -> None:
     def run(devices: int, folder: Path) -> dict:
         folder.mkdir()
         pl.seed_everything(0)
-        model = small_classifier()
-        model.network = model._network_factory((1, 8, 8), 10)
+        model = make_model()
         callbacks = [UnitActivityCallback(probe_size=64), FeatureRankCallback(probe_size=64),
                      ParameterStatsCallback(on_task_start=True),
                      GradientInterferenceCallback(probe_size=16),
-                     PlasticityProbeCallback(steps=5, probe_size=16), HistoryDump(str(folder))]
+                     PlasticityProbeCallback(steps=5, probe_size=16),
+                     KFACCallback(probe_size=64), ENTKCallback(probe_size=8),
+                     HistoryDump(str(folder))]
         kwargs: dict = {"devices": devices}
         if devices > 1:
             kwargs["strategy"] = DDPStrategy(start_method="spawn", process_group_backend="gloo",

@@ -1,0 +1,59 @@
+"""Task metrics for a user's module whose training_step returns only its loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_plasticity.data import ContinualDataModule
+from tests.data.helpers import fast_trainer
+
+
+class LossOnly(pl.LightningModule):
+    """No forward(); training_step returns the bare loss, as most users write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32))
+        self.classifier = nn.Linear(32, 10)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(F.relu(self.body(x)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return F.cross_entropy(self.logits(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class WithLogits(LossOnly):
+    """The same module returning its logits, the path the metrics always supported."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        logits = self.logits(x)
+        return {"loss": F.cross_entropy(logits, y), "logits": logits}
+
+
+def _history(module_cls: type) -> list[dict[str, float]]:
+    pl.seed_everything(0)
+    dm = ContinualDataModule("digits", "permuted_labels", num_tasks=3, steps_per_task=6,
+                             batch_size=16)
+    fast_trainer(limit_val_batches=0).fit(module_cls(), datamodule=dm)
+    return dm.task_history
+
+
+def test_loss_only_module_gets_the_same_task_metrics_as_one_returning_logits() -> None:
+    loss_only, with_logits = _history(LossOnly), _history(WithLogits)
+    assert len(loss_only) == 3
+    for a, b in zip(loss_only, with_logits, strict=True):
+        for key in ("end_accuracy", "online_accuracy", "steps_to_target", "end_loss"):
+            assert key in a, key
+            assert a[key] == pytest.approx(b[key], nan_ok=True), key
