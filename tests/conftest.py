@@ -7,14 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine (or with 2 DDP
-# processes) OpenMP threads spinning against each other slow them down by an order of magnitude.
-torch.set_num_threads(1)
 
 
 def shared_datasets_dir() -> Path:

@@ -41,7 +41,29 @@ class ENTKCallback(MeasurementCallback):
 
     Example::
 
-        Trainer(callbacks=[ENTKCallback(probe_size=64)]).fit(model, datamodule=dm)
+        >>> import tempfile
+        >>> from functools import partial
+        >>> import torch
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import ENTKCallback
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> _ = torch.manual_seed(0)
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier(network=partial(MLP, width=16))
+        >>> cb = ENTKCallback(probe_size=16)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=[cb])
+        >>> trainer.fit(model, datamodule=dm)
+        >>> [(h["task"], h["event"]) for h in cb.history]  # at the start of every task
+        [(0, 'task_start'), (1, 'task_start')]
+        >>> int(trainer.callback_metrics["curvature/entk_rank"])  # of the 16 x 16 summed kernel
+        16
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("curvature/"))[:3]
+        ['curvature/entk_condition_number', 'curvature/entk_interference', 'curvature/entk_rank']
     """
 
     shard_probe = False

@@ -45,7 +45,25 @@ class FeatureRankCallback(MeasurementCallback):
 
     Example::
 
-        Trainer(callbacks=[FeatureRankCallback()]).fit(model, datamodule=dm)
+        >>> import tempfile
+        >>> from functools import partial
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import FeatureRankCallback
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier(network=partial(MLP, width=16))
+        >>> cb = FeatureRankCallback(probe_size=64)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=[cb])
+        >>> trainer.fit(model, datamodule=dm)
+        >>> [(h["task"], h["event"]) for h in cb.history]  # at the start of every task
+        [(0, 'task_start'), (1, 'task_start')]
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("features/"))[:3]
+        ['features/effective_rank', 'features/feature_norm', 'features/feature_rank']
     """
 
     prefix = "features"

@@ -50,14 +50,19 @@ class FigureCallback(Callback):
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                     task_id: int) -> None:
         if self.every_n_tasks is not None and (task_id + 1) % self.every_n_tasks == 0:
-            self._write(trainer, log_to_wandb=False)
+            self._write(trainer, self._folder(trainer), log_to_wandb=False)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write(trainer, log_to_wandb=True)
+        self._write(trainer, self._folder(trainer), log_to_wandb=True)
+
+    def _folder(self, trainer: pl.Trainer) -> Path:
+        # On every rank: trainer.log_dir broadcasts, so reading it on rank 0 alone would leave
+        # rank 0 waiting in a collective the other ranks never join.
+        return self.dirpath or Path(trainer.log_dir or trainer.default_root_dir)
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer, log_to_wandb: bool) -> None:
+    def _write(self, trainer: pl.Trainer, folder: Path, log_to_wandb: bool) -> None:
         import matplotlib
 
         matplotlib.use("Agg")  # files only: never open a window on a cluster node
@@ -66,7 +71,6 @@ class FigureCallback(Callback):
         fig = self.draw(trainer)
         if fig is None:
             return
-        folder = self.dirpath or Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / self.filename
         fig.savefig(path)

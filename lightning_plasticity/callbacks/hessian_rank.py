@@ -62,9 +62,31 @@ class HessianRankCallback(MeasurementCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[HessianRankCallback()])
-        trainer.fit(model, datamodule=ContinualDataModule("digits", "permuted_labels"))
-        trainer.callback_metrics["curvature/hessian_eps_rank"]
+        >>> import tempfile
+        >>> from functools import partial
+        >>> import torch
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import HessianRankCallback
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> _ = torch.manual_seed(0)
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier(network=partial(MLP, width=16))
+        >>> cb = HessianRankCallback(last_n_layers=1, probe_size=32)  # the head's 16 * 10 + 10
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=[cb])
+        >>> trainer.fit(model, datamodule=dm)
+        >>> [(h["task"], h["event"]) for h in cb.history]  # at the start of every task
+        [(0, 'task_start'), (1, 'task_start')]
+        >>> metrics = trainer.callback_metrics
+        >>> int(metrics["curvature/hessian_num_params"])
+        170
+        >>> rank = int(metrics["curvature/hessian_eps_rank"])  # of the exact 170 x 170 Hessian
+        >>> 0 < rank <= 170, float(metrics["curvature/hessian_eps_rank_error"])
+        (True, 0.0)
     """
 
     def __init__(

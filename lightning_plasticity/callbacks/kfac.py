@@ -47,8 +47,27 @@ class KFACCallback(MeasurementCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[KFACCallback(eps=1e-6)])
-        trainer.fit(model, datamodule=ContinualDataModule())
+        >>> import tempfile
+        >>> from functools import partial
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import KFACCallback
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier(network=partial(MLP, width=16))
+        >>> cb = KFACCallback(eps=1e-6, probe_size=32)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=[cb])
+        >>> trainer.fit(model, datamodule=dm)
+        >>> [(h["task"], h["event"]) for h in cb.history]  # at the start of every task
+        [(0, 'task_start'), (1, 'task_start')]
+        >>> int(trainer.callback_metrics["curvature/kfac_num_params"])  # every Linear layer
+        1482
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("curvature/kfac_eps"))
+        ['curvature/kfac_eps_rank', 'curvature/kfac_eps_rank_normalized']
     """
 
     def __init__(

@@ -61,10 +61,27 @@ class MeasurementsPlot(FigureCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[HessianRankCallback(), UnitActivityCallback(),
-                                     MeasurementsPlot()])
-        trainer.fit(model, datamodule=ContinualDataModule(num_tasks=30))
-        # -> <log_dir>/measurements.png
+        >>> import os
+        >>> import tempfile
+        >>> from functools import partial
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import (
+        ...     KFACCallback, MeasurementsPlot, UnitActivityCallback)
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier(network=partial(MLP, width=16))
+        >>> dirpath = tempfile.mkdtemp()  # default: the trainer's log_dir
+        >>> callbacks = [KFACCallback(probe_size=32), UnitActivityCallback(probe_size=64),
+        ...              MeasurementsPlot(dirpath=dirpath)]
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=callbacks)
+        >>> trainer.fit(model, datamodule=dm)
+        >>> os.listdir(dirpath)  # written at the end of fit
+        ['measurements.png']
     """
 
     def __init__(

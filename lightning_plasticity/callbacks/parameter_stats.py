@@ -37,7 +37,27 @@ class ParameterStatsCallback(MeasurementCallback):
 
     Example::
 
-        Trainer(callbacks=[ParameterStatsCallback()]).fit(model, datamodule=dm)
+        >>> import tempfile
+        >>> from functools import partial
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import ParameterStatsCallback
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier(network=partial(MLP, width=16))
+        >>> cb = ParameterStatsCallback()
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=[cb])
+        >>> trainer.fit(model, datamodule=dm)
+        >>> [(h["task"], h["event"]) for h in cb.history]  # at the end of every task
+        [(0, 'task_end'), (1, 'task_end')]
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("params/total/"))[:3]
+        ['params/total/distance_from_init', 'params/total/grad_norm', 'params/total/mean_abs']
+        >>> bool(trainer.callback_metrics["params/total/distance_from_init"] > 0)
+        True
     """
 
     prefix = "params"

@@ -61,7 +61,29 @@ class PlasticityProbeCallback(MeasurementCallback):
 
     Example::
 
-        Trainer(callbacks=[PlasticityProbeCallback(steps=100)]).fit(model, datamodule=dm)
+        >>> import tempfile
+        >>> from functools import partial
+        >>> import torch
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import PlasticityProbeCallback
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> _ = torch.manual_seed(0)
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier(network=partial(MLP, width=16))
+        >>> cb = PlasticityProbeCallback(steps=10, probe_size=32)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=[cb])
+        >>> trainer.fit(model, datamodule=dm)
+        >>> [(h["task"], h["event"]) for h in cb.history]  # at the start of every task
+        [(0, 'task_start'), (1, 'task_start')]
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("plasticity/"))[:3]
+        ['plasticity/final_loss', 'plasticity/fresh_final_loss', 'plasticity/initial_loss']
+        >>> bool(trainer.callback_metrics["plasticity/loss_reduction"] > 0)
+        True
     """
 
     prefix = "plasticity"

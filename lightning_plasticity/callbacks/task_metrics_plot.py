@@ -31,9 +31,23 @@ class TaskMetricsPlot(FigureCallback):
 
     Example::
 
-        trainer = Trainer(callbacks=[TaskMetricsPlot()])
-        trainer.fit(model, datamodule=ContinualDataModule(num_tasks=30))
-        # -> <log_dir>/task_end_accuracy.png
+        >>> import os
+        >>> import tempfile
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import TaskMetricsPlot
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import ContinualClassifier
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier()
+        >>> dirpath = tempfile.mkdtemp()  # default: the trainer's log_dir
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=[TaskMetricsPlot(dirpath=dirpath)])
+        >>> trainer.fit(model, datamodule=dm)
+        >>> os.listdir(dirpath)  # written at the end of fit
+        ['task_end_accuracy.png']
     """
 
     def __init__(

@@ -58,7 +58,25 @@ class UnitActivityCallback(MeasurementCallback):
 
     Example::
 
-        Trainer(callbacks=[UnitActivityCallback(tau=0.0)]).fit(model, datamodule=dm)
+        >>> import tempfile
+        >>> from functools import partial
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.callbacks import UnitActivityCallback
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import MLP, ContinualClassifier
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier(network=partial(MLP, width=16))
+        >>> cb = UnitActivityCallback(tau=0.0, probe_size=64)
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        ...                   callbacks=[cb])
+        >>> trainer.fit(model, datamodule=dm)
+        >>> [(h["task"], h["event"]) for h in cb.history]  # at task starts and ends
+        [(0, 'task_start'), (0, 'task_end'), (1, 'task_start'), (1, 'task_end')]
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith("units/"))[:3]
+        ['units/dead_fraction', 'units/dormant_fraction', 'units/linearized_fraction']
     """
 
     prefix = "units"

@@ -123,10 +123,21 @@ class ContinualDataModule(pl.LightningDataModule):
 
     Example::
 
-        dm = ContinualDataModule("digits", "permuted_labels", num_tasks=5, steps_per_task=100)
-        model = ContinualClassifier()
-        Trainer(logger=False).fit(model, datamodule=dm)
-        dm.task_history[-1]["end_accuracy"]
+        >>> import tempfile
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import ContinualClassifier
+        >>> dm = ContinualDataModule("digits", "permuted_labels", num_tasks=2, steps_per_task=2,
+        ...                          batch_size=16, val_size=32)
+        >>> model = ContinualClassifier()
+        >>> trainer = Trainer(max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> trainer.fit(model, datamodule=dm)
+        >>> len(dm.task_history), dm.task_history[-1]["task"]  # one entry per finished task
+        (2, 1.0)
+        >>> 0.0 <= dm.task_history[-1]["end_accuracy"] <= 1.0
+        True
     """
 
     def __init__(

@@ -349,10 +349,20 @@ def entk(
 
     Example::
 
-        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
-        ntk = entk(model, x[:64])
-        ntk.kernel.shape             # (640, 640)
-        ntk.rank, ntk.condition_number, ntk.interference
+        >>> import math
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.entk import entk
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+        >>> x = torch.randn(4, 64)
+        >>> ntk = entk(model, x)
+        >>> ntk.kernel.shape  # (n C, n C) with n = 4 examples and C = 10 outputs
+        torch.Size([40, 40])
+        >>> ntk.summed_kernel.shape, ntk.rank, ntk.method
+        (torch.Size([4, 4]), 4, 'per_layer')
+        >>> math.isfinite(ntk.condition_number), -1 <= ntk.interference <= 1
+        (True, True)
     """
     if method not in ("auto", "per_layer", "jacobian"):
         raise ValueError(f"method must be 'auto', 'per_layer' or 'jacobian', got {method!r}.")

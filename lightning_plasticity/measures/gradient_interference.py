@@ -87,7 +87,21 @@ class GradientInterference:
 
         Example::
 
-            pl_module.log_dict({f"grads/{k}": v for k, v in result.scalars().items()})
+            >>> import torch
+            >>> import torch.nn.functional as F
+            >>> from torch import nn
+            >>> from lightning_plasticity.measures.gradient_interference import (
+            ...     gradient_interference)
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+            >>> x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+            >>> result = gradient_interference(model, F.cross_entropy, x, y)
+            >>> logged = {f"grads/{k}": v for k, v in result.scalars().items()}
+            >>> sorted(logged)
+            ['grads/mean_cosine', 'grads/mean_grad_norm', 'grads/rank', 'grads/rank_fraction']
+            >>> logged["grads/rank"], logged["grads/rank_fraction"]  # 6 independent gradients
+            (6.0, 1.0)
+            >>> # in a LightningModule or Callback hook: pl_module.log_dict(logged)
         """
         out = {
             "mean_cosine": self.mean_cosine,
@@ -127,8 +141,18 @@ def per_example_gradients(
 
     Example::
 
-        grads = per_example_gradients(model.eval(), F.cross_entropy, x, y)
-        grads["0.weight"].shape  # (n, out, in)
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.gradient_interference import (
+        ...     per_example_gradients)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        >>> grads = per_example_gradients(model.eval(), F.cross_entropy, x, y)
+        >>> grads["0.weight"].shape  # (n, out, in)
+        torch.Size([6, 8, 4])
+        >>> sorted(grads)
+        ['0.bias', '0.weight', '2.bias', '2.weight']
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
@@ -183,9 +207,14 @@ def gradient_interference_from_gram(
 
     Example::
 
-        g = torch.randn(8, 100, dtype=torch.float64)
-        result = gradient_interference_from_gram(g @ g.T)
-        result.rank  # 8
+        >>> import torch
+        >>> from lightning_plasticity.measures.gradient_interference import (
+        ...     gradient_interference_from_gram)
+        >>> _ = torch.manual_seed(0)
+        >>> g = torch.randn(8, 100, dtype=torch.float64)  # 8 gradients of 100 parameters
+        >>> result = gradient_interference_from_gram(g @ g.T)
+        >>> result.rank, result.rank_fraction, result.cosine.shape
+        (8, 1.0, torch.Size([8, 8]))
     """
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be a square (n, n) matrix, got {tuple(gram.shape)}.")
@@ -303,9 +332,17 @@ def gradient_interference(
 
     Example::
 
-        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
-        result = gradient_interference(model, F.cross_entropy, x, y)
-        result.mean_cosine, result.rank
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.gradient_interference import (
+        ...     gradient_interference)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+        >>> x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        >>> result = gradient_interference(model, F.cross_entropy, x, y)
+        >>> -1 <= result.mean_cosine <= 1, result.rank, result.num_params
+        (True, 6, 67)
     """
     grads = per_example_gradients(
         model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size

@@ -673,10 +673,21 @@ def kfac_factors(
 
     Example::
 
-        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
-        factors = kfac_factors(model, nn.CrossEntropyLoss(), x, y, mode="exact")
-        f = factors["0"]
-        ggn_block = torch.kron(f.G, f.A)   # (256 * 785) x (256 * 785), for [W | b] row-major
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.kfac import kfac_factors
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+        >>> x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        >>> factors = kfac_factors(model, nn.CrossEntropyLoss(), x, y, mode="exact")
+        >>> list(factors)  # the Linear layers, by module name
+        ['0', '2']
+        >>> f = factors["0"]
+        >>> f.A.shape, f.G.shape, f.has_bias  # A: (in + 1) x (in + 1) with the bias
+        (torch.Size([9, 9]), torch.Size([4, 4]), True)
+        >>> ggn_block = torch.kron(f.G, f.A)  # (4 * 9) x (4 * 9), for [W | b] row-major
+        >>> ggn_block.shape, f.num_params
+        (torch.Size([36, 36]), 36)
     """
     if mode not in ("exact", "mc"):
         raise ValueError(f"mode must be 'exact' or 'mc', got {mode!r}.")
@@ -776,8 +787,18 @@ def kfac_spectrum(factors: Mapping[str, KFACFactors]) -> KFACSpectrum:
 
     Example::
 
-        spectrum = kfac_spectrum(kfac_factors(model, nn.CrossEntropyLoss(), x, y))
-        spectrum.eigenvalues[:10]     # the 10 largest KFAC-GGN eigenvalues
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.kfac import kfac_factors, kfac_spectrum
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+        >>> x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        >>> spectrum = kfac_spectrum(kfac_factors(model, nn.CrossEntropyLoss(), x, y))
+        >>> top = spectrum.eigenvalues[:10]  # the 10 largest KFAC-GGN eigenvalues
+        >>> top.shape, top.dtype, bool((top[:-1] >= top[1:]).all())
+        (torch.Size([10]), torch.float64, True)
+        >>> len(spectrum.eigenvalues), {k: len(v) for k, v in spectrum.per_layer.items()}
+        (51, {'0': 36, '2': 15})
     """
     per_layer: dict[str, Tensor] = {}
     a_eigs: dict[str, Tensor] = {}
@@ -838,9 +859,19 @@ def kfac_eps_rank(
 
     Example::
 
-        factors = kfac_factors(model, nn.CrossEntropyLoss(), x, y)
-        r = kfac_eps_rank(factors, eps=1e-6, relative=True)
-        r.eps_rank / r.num_params     # fraction of curvature directions still alive
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.kfac import kfac_eps_rank, kfac_factors
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3))
+        >>> x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        >>> factors = kfac_factors(model, nn.CrossEntropyLoss(), x, y)
+        >>> r = kfac_eps_rank(factors, eps=1e-6, relative=True)
+        >>> r.num_params, r.per_layer_num_params
+        (51, {'0': 36, '2': 15})
+        >>> alive = r.eps_rank / r.num_params  # fraction of curvature directions still alive
+        >>> 0 < alive <= 1, sorted(r.feature_effective_rank)
+        (True, ['0', '2'])
     """
     if eps < 0:
         raise ValueError(f"eps must be nonnegative, got {eps}.")

@@ -78,9 +78,13 @@ def select_parameters(
 
     Example::
 
-        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
-        select_parameters(model, last_n_layers=1)  # [("2.weight", ...), ("2.bias", ...)]
-        select_parameters(model, modules=["0"])  # [("0.weight", ...), ("0.bias", ...)]
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.parameter_selection import select_parameters
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> [name for name, _ in select_parameters(model, last_n_layers=1)]
+        ['2.weight', '2.bias']
+        >>> [name for name, _ in select_parameters(model, modules=["0"])]
+        ['0.weight', '0.bias']
     """
     if modules is not None and last_n_layers is not None:
         raise ValueError(
@@ -151,7 +155,14 @@ def model_parameters(
 
     Example::
 
-        model_parameters(model, select_parameters(model, last_n_layers=1))
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.parameter_selection import (
+        ...     model_parameters, select_parameters)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> [name for name, _ in model_parameters(model, select_parameters(model, last_n_layers=1))]
+        ['2.weight', '2.bias']
+        >>> model_parameters(model, [model[2].weight])[0][0]  # bare parameters get their names
+        '2.weight'
     """
     names = {id(p): n for n, p in model.named_parameters()}
     if params is None:

@@ -88,7 +88,16 @@ class PlasticityProbe:
 
         Example::
 
-            pl_module.log_dict({f"probe/{k}": v for k, v in result.scalars().items()})
+            >>> import torch
+            >>> from lightning_plasticity.measures.plasticity_probe import plasticity_probe
+            >>> from lightning_plasticity.models import MLP
+            >>> _ = torch.manual_seed(0)
+            >>> net = MLP((8,), 3, width=16)
+            >>> result = plasticity_probe(net, torch.randn(32, 8), steps=5)
+            >>> logged = {f"probe/{k}": v for k, v in result.scalars().items()}
+            >>> sorted(logged)  # no fresh_model: its nan entries are left out
+            ['probe/final_loss', 'probe/initial_loss', 'probe/loss_ratio', 'probe/loss_reduction']
+            >>> # in a LightningModule or Callback hook: pl_module.log_dict(logged)
         """
         keys = (
             "initial_loss",
@@ -238,8 +247,18 @@ def plasticity_probe(
 
     Example::
 
-        result = plasticity_probe(net, x_probe, steps=100, fresh_model=MLP(...))
-        result.loss_reduction, result.relative_final_loss
+        >>> import math
+        >>> import torch
+        >>> from lightning_plasticity.measures.plasticity_probe import plasticity_probe
+        >>> from lightning_plasticity.models import MLP
+        >>> _ = torch.manual_seed(0)
+        >>> net = MLP((8,), 3, width=16)
+        >>> x_probe = torch.randn(32, 8)
+        >>> result = plasticity_probe(net, x_probe, steps=20, fresh_model=MLP((8,), 3, width=16))
+        >>> result.steps, result.losses.shape
+        (20, torch.Size([20]))
+        >>> result.loss_reduction > 0, math.isfinite(result.relative_final_loss)
+        (True, True)
     """
     if target not in ("regression", "labels"):
         raise ValueError(f"target must be 'regression' or 'labels', got {target!r}.")

@@ -51,8 +51,12 @@ def effective_rank(values: Tensor) -> Tensor:
 
     Example::
 
-        effective_rank(torch.ones(5))                   # tensor(5.)
-        effective_rank(torch.tensor([3.0, 0.0, 0.0]))   # tensor(1.)
+        >>> import torch
+        >>> from lightning_plasticity.measures.spectral_stats import effective_rank
+        >>> round(float(effective_rank(torch.ones(5))), 4)
+        5.0
+        >>> effective_rank(torch.tensor([3.0, 0.0, 0.0]))
+        tensor(1.)
     """
     values = _check_values(values, "effective_rank")
     total = values.sum()
@@ -84,8 +88,12 @@ def eps_count(values: Tensor, eps: float, *, relative: bool = False) -> Tensor:
 
     Example::
 
-        eps_count(torch.tensor([1.0, 1e-3, 1e-9]), 1e-6)                    # tensor(2)
-        eps_count(torch.tensor([10.0, 1e-3, 0.0]), 1e-3, relative=True)     # tensor(1)
+        >>> import torch
+        >>> from lightning_plasticity.measures.spectral_stats import eps_count
+        >>> eps_count(torch.tensor([1.0, 1e-3, 1e-9]), 1e-6)
+        tensor(2)
+        >>> eps_count(torch.tensor([10.0, 1e-3, 0.0]), 1e-3, relative=True)
+        tensor(1)
     """
     if eps < 0:
         raise ValueError(f"eps must be nonnegative, got {eps}.")
@@ -117,8 +125,12 @@ def condition_number(values: Tensor, eps: float = 0.0) -> Tensor:
 
     Example::
 
-        condition_number(torch.tensor([4.0, 2.0, 1.0]))    # tensor(4.)
-        condition_number(torch.tensor([4.0, 0.0]))         # tensor(inf)
+        >>> import torch
+        >>> from lightning_plasticity.measures.spectral_stats import condition_number
+        >>> condition_number(torch.tensor([4.0, 2.0, 1.0]))
+        tensor(4.)
+        >>> condition_number(torch.tensor([4.0, 0.0]))
+        tensor(inf)
     """
     if eps < 0:
         raise ValueError(f"eps must be nonnegative, got {eps}.")

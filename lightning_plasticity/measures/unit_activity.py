@@ -277,9 +277,13 @@ def collect_activations(
 
     Example::
 
-        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        acts = collect_activations(model.eval(), torch.randn(16, 4), layers=["1"])
-        acts["1"].shape  # torch.Size([16, 8])
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.unit_activity import collect_activations
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> acts = collect_activations(model.eval(), torch.randn(16, 4), layers=["1"])
+        >>> acts["1"].shape
+        torch.Size([16, 8])
     """
     out: dict[str, Tensor] = {}
 
@@ -431,9 +435,21 @@ def unit_activity_stats(
 
     Example::
 
-        stats = unit_activity_stats(model, x_shard)
-        stats = reduce_unit_activity_stats(stats, all_reduce_sum)
-        result = unit_activity_from_stats(stats, tau=0.025)
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.unit_activity import (
+        ...     reduce_unit_activity_stats, unit_activity_from_stats, unit_activity_stats)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+        >>> x_shard = torch.randn(16, 4)  # this rank's examples
+        >>> stats = unit_activity_stats(model, x_shard)
+        >>> sorted(stats), int(stats["1"].num_examples)
+        (['0', '1', '2'], 16)
+        >>> all_reduce_sum = lambda t: t  # one process; under DDP: torch.distributed.all_reduce
+        >>> stats = reduce_unit_activity_stats(stats, all_reduce_sum)
+        >>> result = unit_activity_from_stats(stats, tau=0.025)
+        >>> result.layers["1"].num_units, result.layers["1"].dead.shape
+        (8, torch.Size([8]))
     """
     _check_saturation(saturation_threshold)
     with _isolated_forward(model, inputs):
@@ -503,11 +519,27 @@ def reduce_unit_activity_stats(
 
     Example::
 
-        def all_reduce_sum(t):
-            torch.distributed.all_reduce(t)
-            return t
-
-        total = reduce_unit_activity_stats(unit_activity_stats(model, x_shard), all_reduce_sum)
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.unit_activity import (
+        ...     reduce_unit_activity_stats, unit_activity_stats)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+        >>> x = torch.randn(32, 4)
+        >>> x_shard, other_shard = x.chunk(2)  # the examples of two ranks
+        >>> # Under DDP: def all_reduce_sum(t): torch.distributed.all_reduce(t); return t.
+        >>> # Here two ranks are simulated: the other rank's flat statistics are added by hand.
+        >>> flat = []
+        >>> _ = reduce_unit_activity_stats(unit_activity_stats(model, other_shard),
+        ...                                lambda t: flat.append(t) or t)
+        >>> all_reduce_sum = lambda t: t + flat[0]
+        >>> total = reduce_unit_activity_stats(unit_activity_stats(model, x_shard), all_reduce_sum)
+        >>> whole = unit_activity_stats(model, x)  # one process on the union of the shards
+        >>> int(total["1"].num_examples)
+        32
+        >>> all(torch.allclose(a, b) for k in whole
+        ...     for a, b in zip(total[k].tensors(), whole[k].tensors()))
+        True
     """
     if not stats:
         return {}
@@ -626,7 +658,20 @@ class UnitActivity:
 
         Example::
 
-            pl_module.log_dict({f"units/{k}": v for k, v in result.scalars().items()})
+            >>> import torch
+            >>> from torch import nn
+            >>> from lightning_plasticity.measures.unit_activity import unit_activity
+            >>> _ = torch.manual_seed(0)
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+            >>> with torch.no_grad():
+            ...     _ = model[0].bias[:2].fill_(-100.0)  # two units dead on every input
+            >>> result = unit_activity(model, torch.randn(64, 4), tau=0.0)
+            >>> logged = {f"units/{k}": v for k, v in result.scalars().items()}
+            >>> logged["units/dead_fraction"], logged["units/num_dead"]
+            (0.25, 2.0)
+            >>> sorted(k for k in logged if k.endswith("/1"))[:3]
+            ['units/activation_mean/1', 'units/activation_std/1', 'units/dead_fraction/1']
+            >>> # in a LightningModule or Callback hook: pl_module.log_dict(logged)
         """
         out: dict[str, float] = {}
         for m in _METRICS:
@@ -748,8 +793,18 @@ def unit_activity_from_stats(
 
     Example::
 
-        result = unit_activity_from_stats(unit_activity_stats(model, x), tau=0.0)
-        result.layers["1"].dead  # bool mask of dead units of module "1"
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.unit_activity import (
+        ...     unit_activity_from_stats, unit_activity_stats)
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+        >>> with torch.no_grad():
+        ...     _ = model[0].bias[:2].fill_(-100.0)  # two units dead on every input
+        >>> x = torch.randn(64, 4)
+        >>> result = unit_activity_from_stats(unit_activity_stats(model, x), tau=0.0)
+        >>> result.layers["1"].dead  # bool mask of dead units of module "1"
+        tensor([ True,  True, False, False, False, False, False, False])
     """
     _check_thresholds(tau, rare_fraction)
     layers = {name: _layer_metrics(s, tau, rare_fraction) for name, s in stats.items()}
@@ -800,9 +855,16 @@ def unit_activity(
 
     Example::
 
-        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
-        result = unit_activity(model, torch.randn(64, 4), tau=0.0)
-        result.dead_fraction, result.layers["1"].num_dead
+        >>> import torch
+        >>> from torch import nn
+        >>> from lightning_plasticity.measures.unit_activity import unit_activity
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+        >>> with torch.no_grad():
+        ...     _ = model[0].bias[:2].fill_(-100.0)  # two units dead on every input
+        >>> result = unit_activity(model, torch.randn(64, 4), tau=0.0)
+        >>> result.dead_fraction, result.layers["1"].num_dead
+        (0.25, 2)
     """
     _check_thresholds(tau, rare_fraction)  # before any collective
     stats = unit_activity_stats(model, inputs, layers, saturation_threshold=saturation_threshold)
