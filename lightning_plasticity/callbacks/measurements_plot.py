@@ -41,7 +41,9 @@ class MeasurementsPlot(FigureCallback):
     """Plots task-end accuracy and the measurement callbacks' histories in one figure.
 
     One panel per metric, all against training progress in tasks (the step divided by the
-    data module's ``steps_per_task``; without it, the task index), so a drop in accuracy can be
+    steps of a task), or in epochs without a ContinualDataModule (the step divided by the
+    optimizer steps of an epoch; step-scheduled measurements are plotted too), so a drop in
+    accuracy can be
     read against the curvature, unit, feature and parameter measurements at the same point.
     Values come from :attr:`ContinualDataModule.task_history` (``task/<name>``) and from the
     ``history`` of every :class:`MeasurementCallback` in the trainer; a measurement made at
@@ -103,11 +105,28 @@ class MeasurementsPlot(FigureCallback):
         self.ncols = ncols
 
     @staticmethod
+    def progress_unit(trainer: pl.Trainer) -> tuple[str, float | None]:
+        """``("task", steps per task)`` with a ContinualDataModule, else ``("epoch", steps per
+        epoch)``; the step count is None when it is not known (an iterable of unknown length)."""
+        dm = trainer.datamodule
+        batches = trainer.num_training_batches
+        per_epoch = (max(int(batches) // max(trainer.accumulate_grad_batches, 1), 1)
+                     if isinstance(batches, int) or (isinstance(batches, float) and
+                                                     math.isfinite(batches)) else None)
+        if callable(getattr(dm, "probe_batch", None)):
+            steps = getattr(dm, "steps_per_task", None)
+            if steps:
+                return "task", float(steps)
+            epochs = getattr(dm, "epochs_per_task", None)
+            return "task", (float(epochs * per_epoch) if epochs and per_epoch else None)
+        return "epoch", None if per_epoch is None else float(per_epoch)
+
+    @staticmethod
     def series(trainer: pl.Trainer) -> dict[str, dict[str, list[tuple[float, float]]]]:
         """``{metric: {event: [(x, value), ...]}}`` from the task history and the measurement
-        callbacks, with ``x`` in tasks (see the class docstring)."""
+        callbacks, with ``x`` in tasks or epochs (see the class docstring)."""
         dm = trainer.datamodule
-        steps_per_task = getattr(dm, "steps_per_task", None)
+        _, steps_per_task = MeasurementsPlot.progress_unit(trainer)
         out: dict[str, dict[str, list[tuple[float, float]]]] = {}
 
         def add(name: str, event: str, x: float | None, value: Any) -> None:
@@ -132,7 +151,7 @@ class MeasurementsPlot(FigureCallback):
                     x: float | None = record["step"] / steps_per_task
                 elif event in ("task_start", "fit_start"):
                     x = float(record["task"])
-                elif event == "task_end":
+                elif event in ("task_end", "epoch_end"):
                     x = float(record["task"]) + 1.0
                 else:
                     x = None  # a step measurement without a step scale
@@ -148,6 +167,7 @@ class MeasurementsPlot(FigureCallback):
     @override
     def draw(self, trainer: pl.Trainer) -> Figure | None:
         series = self.series(trainer)
+        unit, _ = self.progress_unit(trainer)
         if self.metrics is None:
             names = [m for m in DEFAULT_METRICS if m in series]
         else:
@@ -176,7 +196,7 @@ class MeasurementsPlot(FigureCallback):
             ax.set_title(name, fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
-            ax.set_xlabel("task", fontsize=7)
+            ax.set_xlabel(unit, fontsize=7)
         for ax in list(axes.flat)[len(names):]:
             ax.set_visible(False)
         fig.tight_layout()

@@ -45,14 +45,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_plasticity.measures.kfac import (
-    _capture_layers,
-    _input_patches,
-    _is_supported_layer,
-    _isolated,
-    _layer_bias,
-    _output_positions,
-    _usable_input,
+from lightning_plasticity.core.batch import usable
+from lightning_plasticity.core.isolation import side_effect_free
+from lightning_plasticity.core.record import decoupled, hooked
+from lightning_plasticity.measures.linear_layers import (
+    input_patches,
+    is_supported_layer,
+    layer_bias,
+    output_positions,
 )
 from lightning_plasticity.measures.parameter_selection import NamedParams, model_parameters
 from lightning_plasticity.measures.spectral_stats import condition_number, eps_count
@@ -116,9 +116,9 @@ def _plan_per_layer(
         for p in module._parameters.values():
             if p is not None:
                 owners[id(p)] += 1
-        if not _is_supported_layer(module):
+        if not is_supported_layer(module):
             continue
-        weight, bias = module.weight, _layer_bias(module)
+        weight, bias = module.weight, layer_bias(module)
         use_weight = id(weight) in selected_ids
         use_bias = bias is not None and id(bias) in selected_ids
         if use_weight or use_bias:
@@ -180,12 +180,12 @@ def _entk_per_layer(
 
     def on_forward(name: str, module: nn.Module, x: Tensor, y: Tensor) -> None:
         if plan[name].use_weight:
-            acts[name].append(_input_patches(module, x))
+            acts[name].append(input_patches(module, x))
         outs[name].append(y)
 
-    with _isolated(model, seed):
-        with _capture_layers({name: p.module for name, p in plan.items()}, on_forward):
-            out = model(_usable_input(inputs))
+    with side_effect_free(model, seed):
+        with hooked({name: p.module for name, p in plan.items()}, decoupled(on_forward)):
+            out = model(usable(inputs))
         if not isinstance(out, Tensor):
             raise ValueError(f"the model must return a tensor, got {type(out).__name__}.")
         not_called = [name for name in plan if name not in outs]
@@ -225,7 +225,7 @@ def _entk_per_layer(
                 grads[name].append([])
             for (name, y), gy in zip(ys, per_call, strict=True):
                 gy = torch.zeros_like(y) if gy is None else gy.detach()
-                grads[name][c].append(_output_positions(plan[name].module, gy))
+                grads[name][c].append(output_positions(plan[name].module, gy))
 
     kernel = flat.new_zeros(n * C, n * C)
     tol = torch.finfo(flat.dtype).eps ** 0.5
@@ -261,10 +261,10 @@ def _entk_jacobian(
         # running statistics under jacrev, which rejects mutating captured tensors.
         return {name: b.detach().clone() for name, b in model.named_buffers()}
 
-    with _isolated(model, seed), torch.no_grad():
-        # Created outside inference mode (lifted by _isolated) so that jacrev can use them.
+    with side_effect_free(model, seed), torch.no_grad():
+        # Created outside inference mode (lifted by side_effect_free) so that jacrev can use them.
         base = {name: p.detach() for name, p in model.named_parameters()}
-        x = _usable_input(inputs)
+        x = usable(inputs)
         out = functional_call(model, (base, fresh_buffers()), (x,))
     if not isinstance(out, Tensor):
         raise ValueError(f"the model must return a tensor, got {type(out).__name__}.")
@@ -285,7 +285,7 @@ def _entk_jacobian(
     kernel = out.new_zeros(rows, rows)
     for chunk in chunks:
         # Re-seeding per chunk gives every forward the same dropout masks.
-        with _isolated(model, seed):
+        with side_effect_free(model, seed):
             primals = {name: p.detach() for name, p in chunk}
             jac = jacrev(f, argnums=0)(primals, fresh_buffers())
         for name, _ in chunk:

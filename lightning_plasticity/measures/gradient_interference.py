@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lightning_plasticity.core.batch import batch_size, slice_batch
-from lightning_plasticity.measures.hvp import _preserve_rng_and_buffers
+from lightning_plasticity.core.isolation import forked_rng, preserved_buffers
 from lightning_plasticity.measures.parameter_selection import NamedParams, model_parameters
 
 __all__ = [
@@ -178,7 +178,7 @@ def per_example_gradients(
         return loss_fn(out, y.unsqueeze(0)).sum()
 
     device = selected[0][1].device
-    with _preserve_rng_and_buffers(model, device), warnings.catch_warnings():
+    with forked_rng(device=device), preserved_buffers(model), warnings.catch_warnings():
         # vmap falls back to a (correct) slow loop for ops without a batching rule (attention).
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         grads = vmap(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -122,13 +122,6 @@ def _twice_differentiable_attention() -> contextlib.AbstractContextManager[None]
     return sdpa_kernel([SDPBackend.MATH])
 
 
-@contextlib.contextmanager
-def _preserve_rng_and_buffers(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Forward passes without side effects on the global RNG or the model's buffers."""
-    with forked_rng(device=device), preserved_buffers(model):
-        yield
-
-
 def _symmetrise_(H: Tensor, block: int = 1024) -> None:
     """``H <- (H + H^T) / 2`` in place, block by block so no second ``n x n`` copy is made.
 
@@ -222,7 +215,8 @@ class HessianVectorProduct:
         self.device: torch.device = self._params[0].device
 
         with (
-            _preserve_rng_and_buffers(model, self.device),
+            forked_rng(device=self.device),
+            preserved_buffers(model),
             _twice_differentiable_attention(),
             torch.enable_grad(),
         ):

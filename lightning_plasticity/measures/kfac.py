@@ -49,12 +49,11 @@ model, so the caller's model never carries BackPACK hooks or attributes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,6 +61,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_plasticity.core.batch import usable
+from lightning_plasticity.core.isolation import side_effect_free
+from lightning_plasticity.core.layers import ROOT_NAME
+from lightning_plasticity.core.record import decoupled, hooked
+from lightning_plasticity.measures.linear_layers import (
+    input_patches,
+    is_supported_layer,
+    layer_bias,
+    output_positions,
+)
 from lightning_plasticity.measures.spectral_stats import effective_rank
 
 __all__ = [
@@ -81,7 +90,7 @@ KFACBackend = Literal["auto", "hooks", "backpack"]
 # Rows of the ``G`` eigenvalues processed at once when counting eigenvalue products, bounding the
 # memory of the ``(rows, len(A))`` product block.
 _COUNT_CHUNK_ELEMENTS = 1 << 22
-_ROOT_NAME = "(root)"
+_ROOT_NAME = ROOT_NAME
 
 
 @dataclass(frozen=True)
@@ -146,134 +155,8 @@ class KFACEpsRank:
 
 
 # --------------------------------------------------------------------------------------------
-# Layer plumbing shared with ``entk``: which modules have a closed-form per-layer treatment,
-# how their inputs/outputs are laid out per position, and how to run a side-effect-free forward.
+# The layers KFAC covers (the per-layer matrix layout lives in ``linear_layers``).
 # --------------------------------------------------------------------------------------------
-
-
-def _is_supported_layer(module: nn.Module) -> bool:
-    """A plain ``Linear`` / ``Conv2d`` whose weight is a direct parameter used by the stock forward.
-
-    Subclasses with a custom forward, parametrized weights (``weight`` then lives in a
-    ``ParametrizationList``) and grouped convolutions have a different gradient structure.
-    """
-    if isinstance(module, nn.Linear):
-        stock = type(module).forward is nn.Linear.forward
-    elif isinstance(module, nn.Conv2d):
-        stock = (
-            type(module).forward is nn.Conv2d.forward
-            and type(module)._conv_forward is nn.Conv2d._conv_forward
-            and module.groups == 1
-        )
-    else:
-        return False
-    return stock and module._parameters.get("weight") is not None
-
-
-def _layer_bias(module: nn.Module) -> Tensor | None:
-    return module._parameters.get("bias")
-
-
-def _input_patches(module: nn.Module, x: Tensor) -> Tensor:
-    """Layer input as ``(N, P, D)``: ``P`` weight-sharing positions of ``D`` features each."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    if x.dim() != 4:
-        raise ValueError(f"Conv2d inputs must be batched (N, C, H, W); got shape {tuple(x.shape)}.")
-    # Padding explicitly covers padding="same"/"valid" and non-zero padding modes alike.
-    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-    x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-    patches = F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-    return patches.transpose(1, 2)
-
-
-def _output_positions(module: nn.Module, y: Tensor) -> Tensor:
-    """Layer output (or its gradient) as ``(N, P, O)``, positions ordered like the patches."""
-    if isinstance(module, nn.Linear):
-        return y.reshape(y.shape[0], -1, y.shape[-1])
-    return y.flatten(2).transpose(1, 2)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _isolated(model: nn.Module, seed: int) -> Iterator[None]:
-    """Run measurement forwards without side effects, with gradients enabled.
-
-    The global RNG (dropout masks, BackPACK's MC sampling) is forked and seeded with ``seed`` so
-    that every forward inside sees the same masks and the caller's RNG stream is untouched;
-    buffers (BatchNorm running statistics) are restored through ``.data`` so that autograd version
-    counters of the caller's tensors are not bumped. Inference mode (Lightning's evaluation loops)
-    is lifted so that a graph can be built.
-    """
-    device = _model_device(model)
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        fork = torch.random.fork_rng(devices=[index])
-    else:
-        index = None
-        fork = torch.random.fork_rng(devices=[])
-    with fork, torch.inference_mode(False), torch.enable_grad():
-        torch.random.default_generator.manual_seed(seed)
-        if index is not None:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, old in saved:
-                    if b.shape == old.shape and not torch.equal(b, old):
-                        b.data.copy_(old)
-
-
-def _usable_input(x: Tensor) -> Tensor:
-    """Inference tensors cannot be saved for backward; clone them (inside ``_isolated``)."""
-    return x.clone() if isinstance(x, Tensor) and x.is_inference() else x
-
-
-OnForward = Callable[[str, nn.Module, Tensor, Tensor], None]
-
-
-@contextlib.contextmanager
-def _capture_layers(
-    layers: Mapping[str, nn.Module], on_forward: OnForward, *, decouple_output: bool = True
-) -> Iterator[None]:
-    """Forward hooks calling ``on_forward(name, module, input.detach(), output)`` on every call.
-
-    With ``decouple_output`` the hook hands ``output`` to ``on_forward`` and returns a clone to
-    the rest of the network. Gradients w.r.t. ``output`` are then those of the layer output even
-    if the network modifies it in place afterwards (``ReLU(inplace=True)``), and an output that
-    does not require grad (frozen earlier layers) is made a leaf that does. Hooks are removed on
-    exit, also on error.
-    """
-
-    def make_hook(name: str) -> Callable[..., Tensor | None]:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if not decouple_output:
-                on_forward(name, module, args[0].detach(), output)
-                return None
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            on_forward(name, module, args[0].detach(), output)
-            return output.clone()
-
-        return hook
-
-    handles = []
-    try:
-        for name, module in layers.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _find_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
@@ -291,7 +174,7 @@ def _find_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
         if not any(p.requires_grad for p in direct):
             continue
         label = name or _ROOT_NAME
-        if _is_supported_layer(module) and module.weight.requires_grad:
+        if is_supported_layer(module) and module.weight.requires_grad:
             if id(module.weight) in seen_weights:
                 skipped.append(f"{label} ({type(module).__name__}, tied weight)")
                 continue
@@ -429,9 +312,9 @@ class _InputMoments:
         self.counts: dict[str, int] = defaultdict(int)
 
     def __call__(self, name: str, module: nn.Module, x: Tensor, _output: Tensor) -> None:
-        a = _input_patches(module, x)
+        a = input_patches(module, x)
         a = _accumulation_dtype(a.reshape(-1, a.shape[-1]))
-        if _layer_bias(module) is not None:
+        if layer_bias(module) is not None:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
         moment = a.T @ a
         self.sums[name] = self.sums[name] + moment if name in self.sums else moment
@@ -460,12 +343,12 @@ def _kfac_hooks(
         moments(name, module, x, y)
         outputs[name].append(y)
 
-    with _isolated(model, seed):
-        with _capture_layers(layers, on_forward):
+    with side_effect_free(model, seed):
+        with hooked(layers, decoupled(on_forward)):
             if loss_module is None:
-                out, own_loss = model.forward_with_loss(_usable_input(inputs))
+                out, own_loss = model.forward_with_loss(usable(inputs))
             else:
-                out = model(_usable_input(inputs))
+                out = model(usable(inputs))
         if not isinstance(out, Tensor):
             raise ValueError(f"the model must return a tensor, got {type(out).__name__}.")
         if loss_module is None:
@@ -492,7 +375,7 @@ def _kfac_hooks(
             for (name, _), g in zip(targets, grads, strict=True):
                 if g is None:  # the layer does not influence the output
                     continue
-                g = _output_positions(layers[name], g.detach())
+                g = output_positions(layers[name], g.detach())
                 g = _accumulation_dtype(g.reshape(-1, g.shape[-1]))
                 G[name] += g.T @ g
     return {name: (moments.factor(name), G[name]) for name in fired}
@@ -526,7 +409,7 @@ def _backpack_supported(model: nn.Module) -> bool:
         if type(module) not in allowed or getattr(module, "inplace", False):
             return False
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            if not _is_supported_layer(module):
+            if not is_supported_layer(module):
                 return False
             if isinstance(module, nn.Conv2d) and (
                 module.padding_mode != "zeros" or isinstance(module.padding, str)
@@ -575,10 +458,10 @@ def _kfac_backpack(
         # BackPACK keys its backpropagated quantities by the outputs' storage, so the A hook
         # must not replace module outputs.
         with (
-            _isolated(model_copy, seed),
-            _capture_layers(copy_layers, moments, decouple_output=False),
+            side_effect_free(model_copy, seed),
+            hooked(copy_layers, lambda c: moments(c.name, c.module, c.input, c.output)),
         ):
-            out = model_copy(_usable_input(inputs))
+            out = model_copy(usable(inputs))
             y = targets if targets is not None else _default_targets(loss_module, out)
             loss = loss_copy(out, y)
             with backpack(extension), warnings.catch_warnings():
@@ -756,7 +639,7 @@ def kfac_factors(
 
     return {
         name: KFACFactors(
-            A=A.detach(), G=G.detach(), has_bias=_layer_bias(layers[name]) is not None
+            A=A.detach(), G=G.detach(), has_bias=layer_bias(layers[name]) is not None
         )
         for name, (A, G) in raw.items()
     }

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from lightning_plasticity.callbacks import (
+    ENTKCallback,
     MeasurementsPlot,
     ParameterStatsCallback,
     TaskMetricsPlot,
@@ -88,3 +90,17 @@ def test_bad_arguments(kwargs: dict, message: str) -> None:
     if "metrics" not in kwargs and "ncols" not in kwargs:
         with pytest.raises(ValueError, match=message):
             TaskMetricsPlot(**kwargs)
+
+
+def test_measurements_without_a_task_stream_are_plotted_against_epochs(tmp_path: Path) -> None:
+    # BoringModel: 64 batches an epoch, no ContinualDataModule; step-scheduled points are kept.
+    cb = ENTKCallback(probe_size=4, every_n_train_steps=16)
+    plot = MeasurementsPlot(metrics=["curvature/entk_rank"], dirpath=tmp_path)
+    trainer = fast_trainer(callbacks=[cb, plot], max_steps=64, limit_val_batches=0)
+    trainer.fit(BoringModel())
+    series = MeasurementsPlot.series(trainer)["curvature/entk_rank"]
+    assert MeasurementsPlot.progress_unit(trainer) == ("epoch", 64.0)
+    assert sorted(x for x, _ in series["step"]) == [0.25, 0.5, 0.75, 1.0]
+    assert [x for x, _ in series["fit start"]] == [0.0]
+    assert [x for x, _ in series["epoch end"]] == [1.0]
+    assert (tmp_path / "measurements.png").is_file()
