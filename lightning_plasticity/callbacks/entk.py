@@ -11,7 +11,7 @@ from torch import Tensor
 from lightning_plasticity.callbacks.measurement import MeasurementCallback
 from lightning_plasticity.callbacks.probe import ModuleLossFn
 from lightning_plasticity.core.record import HeadOutput
-from lightning_plasticity.measures.entk import entk
+from lightning_plasticity.measures.entk import EmpiricalNTK, entk
 
 
 class ENTKCallback(MeasurementCallback):
@@ -87,14 +87,6 @@ class ENTKCallback(MeasurementCallback):
         self.method = method
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> EmpiricalNTK:
         model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
-        result = entk(model, batch, method=self.method)
-        return {
-            "entk_rank": result.rank,
-            "entk_condition_number": result.condition_number,
-            "entk_interference": result.interference,
-            "entk_top_eigenvalue": float(result.eigenvalues[0]),
-            "entk_trace": float(result.summed_kernel.diagonal().sum()),
-            "spectrum:entk_eigenvalues": result.eigenvalues,
-        }
+        return entk(model, batch, method=self.method)

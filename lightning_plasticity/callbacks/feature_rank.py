@@ -12,7 +12,12 @@ from torch import Tensor
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn, record_loss_pass
 from lightning_plasticity.core.layers import match_modules, parameterised_layers
-from lightning_plasticity.measures.feature_rank import feature_rank
+from lightning_plasticity.core.reduction import reduce_stats
+from lightning_plasticity.measures.feature_rank import (
+    FeatureRank,
+    feature_gram_stats,
+    feature_rank_from_gram,
+)
 
 
 class FeatureRankCallback(MeasurementCallback):
@@ -32,7 +37,8 @@ class FeatureRankCallback(MeasurementCallback):
     squared singular values of the whole probe batch's features.
 
     Logged under ``features/``: ``effective_rank``, ``srank``, ``feature_rank``,
-    ``feature_norm``; the singular values go to the history and to wandb.
+    ``feature_norm``, ``feature_rank_fraction``, ``srank_fraction``; the singular values go to
+    the history and to wandb.
 
     Args:
         layer: fnmatch name of the module whose *input* is the representation (default: the
@@ -101,7 +107,7 @@ class FeatureRankCallback(MeasurementCallback):
             raise MeasurementSkipped(f"layer={self.layer!r}: {err}") from err
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> FeatureRank:
         name = self._target(pl_module, batch)
         layers = parameterised_layers(pl_module)
         module = layers.get(name) or dict(pl_module.named_modules())[name]
@@ -112,8 +118,6 @@ class FeatureRankCallback(MeasurementCallback):
             raise MeasurementSkipped(f"the feature layer {name!r} was not called by the loss")
         x = calls[-1].input
         features = x.reshape(-1, x.shape[-1]) if x.dim() == 3 else x.flatten(1)
-        result = feature_rank(features, delta=self.delta, squared=self.squared, eps=self.eps,
-                              reduce_sum=self._reduce_sum_fn(trainer))
-        return {"effective_rank": result.effective_rank, "srank": result.srank,
-                "feature_rank": result.feature_rank, "feature_norm": result.feature_norm,
-                "spectrum:singular_values": result.singular_values}
+        stats = reduce_stats(feature_gram_stats(features), self.reducer(trainer))
+        return feature_rank_from_gram(stats, delta=self.delta, squared=self.squared,
+                                      eps=self.eps)

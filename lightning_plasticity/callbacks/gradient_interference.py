@@ -12,6 +12,7 @@ from lightning_plasticity.callbacks.measurement import MeasurementCallback, Meas
 from lightning_plasticity.callbacks.probe import ModuleLossFn, module_loss
 from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.measures.gradient_interference import (
+    GradientInterference,
     gradient_interference_from_gram,
     per_example_gradient_gram,
 )
@@ -34,7 +35,7 @@ class GradientInterferenceCallback(MeasurementCallback):
     second item. ``n`` backward passes; the ``n x P`` gradients are held at once. Under DDP
     every rank computes the matrix of the whole probe batch (no collective).
 
-    Logged under ``grads/``: ``mean_cosine``, ``rank``, ``rank_fraction``.
+    Logged under ``grads/``: ``mean_cosine``, ``rank``, ``rank_fraction``, ``mean_grad_norm``.
 
     Args:
         example_loss_fn: optional loss of one example's head output and target.
@@ -63,7 +64,7 @@ class GradientInterferenceCallback(MeasurementCallback):
         >>> [(h["task"], h["event"]) for h in cb.history]  # at the start of every task
         [(0, 'task_start'), (1, 'task_start')]
         >>> sorted(k for k in trainer.callback_metrics if k.startswith("grads/"))
-        ['grads/mean_cosine', 'grads/rank', 'grads/rank_fraction']
+        ['grads/mean_cosine', 'grads/mean_grad_norm', 'grads/rank', 'grads/rank_fraction']
         >>> int(trainer.callback_metrics["grads/rank"])  # 16 linearly independent gradients
         16
     """
@@ -97,7 +98,7 @@ class GradientInterferenceCallback(MeasurementCallback):
         super().check(trainer, pl_module, batch)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> GradientInterference:
         params = [p for _, p in select_parameters(pl_module)]
         if self.example_loss_fn is None:
             def loss_of(sub: Any) -> Tensor:
@@ -108,6 +109,4 @@ class GradientInterferenceCallback(MeasurementCallback):
             def loss_of(sub: Any) -> Tensor:
                 return self.example_loss_fn(head(sub), sub[1]).sum()
         gram, num_params, dtype = per_example_gradient_gram(loss_of, batch, params)
-        result = gradient_interference_from_gram(gram, dtype=dtype, num_params=num_params)
-        return {"mean_cosine": result.mean_cosine, "rank": result.rank,
-                "rank_fraction": result.rank_fraction}
+        return gradient_interference_from_gram(gram, dtype=dtype, num_params=num_params)

@@ -170,28 +170,14 @@ class HessianRankCallback(MeasurementCallback):
         super().check(trainer, pl_module, batch)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> list[Any]:
         params = self._params(pl_module)
         result = hessian_eps_rank(pl_module, self.loss_closure(pl_module), batch, eps=self.eps,
                                   relative=self.relative, method=self.method, params=params,
                                   reduce=reduce, max_dense_params=self.max_dense_params)
         top = result.eigenvalues.sort(descending=True).values[: self.top_k]
-        metrics: dict[str, Any] = {
-            "hessian_eps_rank": result.eps_rank,
-            "hessian_eps_rank_normalized": result.normalized_rank,
-            "hessian_eps_rank_error": result.error_estimate,
-            "hessian_effective_rank": result.effective_rank,
-            "hessian_top_eigenvalue": result.top_eigenvalue,
-            "hessian_num_params": result.num_params,
-            "spectrum:hessian_top_eigenvalues": top,
-        }
+        out: list[Any] = [result, {"spectrum:hessian_top_eigenvalues": top}]
         if self.overlap:
-            metrics.update(self._overlap(pl_module, batch, params, reduce))
-        return metrics
-
-    def _overlap(self, pl_module: pl.LightningModule, batch: Any, params: list,
-                 reduce: Callable[[Tensor], Tensor] | None) -> dict[str, float]:
-        o = gradient_hessian_overlap(pl_module, self.loss_closure(pl_module), batch,
-                                     params=params, reduce=reduce)
-        return {"grad_hessian_overlap": o.overlap, "grad_norm": o.gradient_norm,
-                "grad_rayleigh_quotient": o.rayleigh_quotient}
+            out.append(gradient_hessian_overlap(pl_module, self.loss_closure(pl_module), batch,
+                                                params=params, reduce=reduce))
+        return out

@@ -12,7 +12,7 @@ from lightning_plasticity.callbacks.measurement import MeasurementCallback, Meas
 from lightning_plasticity.callbacks.probe import ModuleLossFn
 from lightning_plasticity.core.batch import tensor_leaves
 from lightning_plasticity.core.record import HeadOutput
-from lightning_plasticity.measures.kfac import kfac_eps_rank, kfac_factors
+from lightning_plasticity.measures.kfac import KFACEpsRank, kfac_eps_rank, kfac_factors
 
 _PREFIX = "module."
 
@@ -102,7 +102,7 @@ class KFACCallback(MeasurementCallback):
         return {**super()._state_key_args(), "eps": self.eps, "mode": self.mode}
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> KFACEpsRank:
         model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
         if self.loss_kind == "module":
             loss_module = None
@@ -115,12 +115,6 @@ class KFACCallback(MeasurementCallback):
         factors = kfac_factors(model, loss_module, batch, mode=self.mode, reduce=reduce)
         if not factors:
             raise MeasurementSkipped("the model has no Linear or Conv2d layer KFAC covers")
-        rank = kfac_eps_rank(factors, eps=self.eps, relative=self.relative)
-        metrics: dict[str, Any] = {
-            "kfac_eps_rank": rank.eps_rank,
-            "kfac_eps_rank_normalized": rank.eps_rank / max(rank.num_params, 1),
-            "kfac_num_params": rank.num_params,
-        }
-        for layer, value in rank.feature_effective_rank.items():
-            metrics[f"kfac_feature_effective_rank/{layer.removeprefix(_PREFIX)}"] = value
-        return metrics
+        # Layers are named as in pl_module (without HeadOutput's "module." prefix).
+        factors = {name.removeprefix(_PREFIX): f for name, f in factors.items()}
+        return kfac_eps_rank(factors, eps=self.eps, relative=self.relative)

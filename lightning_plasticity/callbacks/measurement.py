@@ -36,6 +36,7 @@ from lightning_plasticity.callbacks.probe import (
     record_loss_pass,
     select_probe_batch,
 )
+from lightning_plasticity.core.reduction import Reducer
 
 __all__ = ["MeasurementCallback", "MeasurementSkipped"]
 
@@ -100,13 +101,32 @@ class MeasurementCallback(Callback):
 
     # ------------------------------------------------------------------ to implement
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> Any:
         """Measure on this rank's probe shard.
 
-        Returns scalars by name, and optionally spectra (1-D tensors) under ``"spectrum:<name>"``
-        keys, which go to the history and to wandb as histograms.
+        Returns a measure's result (or a list of them): its ``scalars()`` are the logged keys
+        and its ``spectra()``, if any, 1-D tensors that go to the history and to wandb as
+        histograms. A plain dict of scalars (spectra under ``"spectrum:<name>"``) also works.
+        Statistics are reduced across ranks before the result is formed (``reduce``: the
+        cross-rank mean; :meth:`reducer`: the reduction each statistic declares).
         """
         raise NotImplementedError
+
+    @staticmethod
+    def metrics_of(out: Any) -> dict[str, Any]:
+        """The flat metrics of what :meth:`compute` returned (see there)."""
+        if isinstance(out, dict):
+            return out
+        metrics: dict[str, Any] = {}
+        for result in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(result, dict):
+                metrics.update(result)
+                continue
+            metrics.update(result.scalars())
+            spectra = getattr(result, "spectra", None)
+            if callable(spectra):
+                metrics.update({f"spectrum:{k}": v for k, v in spectra().items()})
+        return metrics
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Cheap, collective-free checks; raise :class:`MeasurementSkipped` to skip."""
@@ -166,11 +186,12 @@ class MeasurementCallback(Callback):
         return reduce
 
     @staticmethod
-    def _reduce_sum_fn(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
-        """Sums a statistic over ranks (None on one process)."""
+    def reducer(trainer: pl.Trainer) -> Reducer | None:
+        """``reducer(t, op)``: all-reduce with the op a statistic declares (None on one
+        process); for :func:`~lightning_plasticity.core.reduction.reduce_stats`."""
         if trainer.world_size <= 1:
             return None
-        return lambda t: trainer.strategy.reduce(t.detach().clone(), reduce_op="sum")
+        return lambda t, op: trainer.strategy.reduce(t.detach().clone(), reduce_op=op)
 
     @staticmethod
     def _all_ranks_ok(trainer: pl.Trainer, ok: bool) -> bool:
@@ -203,7 +224,8 @@ class MeasurementCallback(Callback):
             return None
         try:
             with measurement_context(pl_module, trainer):
-                metrics = self.compute(trainer, pl_module, batch, self._reduce_fn(trainer))
+                metrics = self.metrics_of(
+                    self.compute(trainer, pl_module, batch, self._reduce_fn(trainer)))
         except Exception as err:
             # These come from checks made before any collective or from a local eigensolve of
             # an all-reduced matrix: identical on every rank, so every rank skips together.

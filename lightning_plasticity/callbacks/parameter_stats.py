@@ -56,6 +56,8 @@ class ParameterStatsCallback(MeasurementCallback):
         [(0, 'task_end'), (1, 'task_end')]
         >>> sorted(k for k in trainer.callback_metrics if k.startswith("params/total/"))[:3]
         ['params/total/distance_from_init', 'params/total/grad_norm', 'params/total/mean_abs']
+        >>> bool(cb.history[-1]["params/total/grad_norm"] > 0)  # the task's last step's gradient
+        True
         >>> bool(trainer.callback_metrics["params/total/distance_from_init"] > 0)
         True
     """
@@ -80,6 +82,7 @@ class ParameterStatsCallback(MeasurementCallback):
         self.wasserstein_p, self.stable_rank = wasserstein_p, stable_rank
         self.init: dict[str, Tensor] | None = None
         self.task_start: dict[str, Tensor] | None = None
+        self._last_grads: dict[str, Tensor] = {}
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -96,19 +99,29 @@ class ParameterStatsCallback(MeasurementCallback):
         if not self._has_task_events(trainer):  # without tasks, an epoch is the unit of update
             self.task_start = snapshot_parameters(pl_module, device="cpu")
 
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Lightning zeroes the gradients before validation, which runs before the task-end
+        # measurement: keep the last step's gradients of an epoch for it.
+        self._last_grads = {}
+        if batch_idx + 1 >= trainer.num_training_batches:
+            self._last_grads = {n: p.grad.detach().clone()
+                                for n, p in pl_module.named_parameters() if p.grad is not None}
+
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         pass  # no loss involved
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, float]:
+        if self._last_grads and all(p.grad is None for p in pl_module.parameters()):
+            # Restored by the measurement context afterwards.
+            for name, p in pl_module.named_parameters():
+                p.grad = self._last_grads.get(name)
         stats = parameter_stats(pl_module, self.init, self.task_start,
                                 wasserstein_p=self.wasserstein_p, stable_rank=self.stable_rank)
-        metrics: dict[str, Any] = {}
-        for group, values in [("total", stats.total), *stats.layers.items()]:
-            for name in ("norm", "mean_abs", "distance_from_init", "wasserstein", "stable_rank",
-                         "update_norm", "grad_norm"):
-                metrics[f"{group}/{name}"] = getattr(values, name)
-        return metrics
+        return stats.scalars(layer_first=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "init": self.init, "task_start": self.task_start}

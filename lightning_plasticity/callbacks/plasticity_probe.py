@@ -13,7 +13,7 @@ from lightning_plasticity.callbacks.measurement import MeasurementCallback
 from lightning_plasticity.callbacks.probe import ModuleLossFn
 from lightning_plasticity.core.initialization import fresh_initialization
 from lightning_plasticity.core.record import HeadOutput
-from lightning_plasticity.measures.plasticity_probe import plasticity_probe
+from lightning_plasticity.measures.plasticity_probe import PlasticityProbe, plasticity_probe
 
 
 @contextlib.contextmanager
@@ -45,9 +45,11 @@ class PlasticityProbeCallback(MeasurementCallback):
     that output. Under DDP every rank probes the whole probe batch (the same
     result everywhere, no collective).
 
-    Logged under ``plasticity/``: ``final_loss``, ``initial_loss``, ``loss_reduction``,
-    ``fresh_final_loss`` and ``relative_final_loss`` (final over fresh final; > 1 means the
-    trained network fits new targets worse than a fresh one).
+    Logged under ``plasticity/`` (the keys of :meth:`PlasticityProbe.scalars`): ``final_loss``,
+    ``initial_loss``, ``loss_reduction``, ``loss_ratio`` and, with ``compare_fresh``,
+    ``fresh_initial_loss``, ``fresh_final_loss``, ``fresh_loss_reduction`` and
+    ``relative_final_loss`` (final over fresh final; > 1 means the trained network fits new
+    targets worse than a fresh one).
 
     Args:
         steps: optimizer steps of each probe fit.
@@ -81,7 +83,7 @@ class PlasticityProbeCallback(MeasurementCallback):
         >>> [(h["task"], h["event"]) for h in cb.history]  # at the start of every task
         [(0, 'task_start'), (1, 'task_start')]
         >>> sorted(k for k in trainer.callback_metrics if k.startswith("plasticity/"))[:3]
-        ['plasticity/final_loss', 'plasticity/fresh_final_loss', 'plasticity/initial_loss']
+        ['plasticity/final_loss', 'plasticity/fresh_final_loss', 'plasticity/fresh_initial_loss']
         >>> bool(trainer.callback_metrics["plasticity/loss_reduction"] > 0)
         True
     """
@@ -120,17 +122,10 @@ class PlasticityProbeCallback(MeasurementCallback):
         return {**super()._state_key_args(), "steps": self.steps, "target": self.target}
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> PlasticityProbe:
         model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
         with _without_trainer(pl_module):
             fresh = fresh_initialization(model, self.seed) if self.compare_fresh else None
-            result = plasticity_probe(model, batch, steps=self.steps,
-                                      lr=self.lr, optimizer=self.optimizer, target=self.target,
-                                      seed=self.seed, fresh_model=fresh)
-        metrics: dict[str, Any] = {"final_loss": result.final_loss,
-                                   "initial_loss": result.initial_loss,
-                                   "loss_reduction": result.loss_reduction}
-        if fresh is not None:
-            metrics["fresh_final_loss"] = result.fresh_final_loss
-            metrics["relative_final_loss"] = result.relative_final_loss
-        return metrics
+            return plasticity_probe(model, batch, steps=self.steps, lr=self.lr,
+                                    optimizer=self.optimizer, target=self.target,
+                                    seed=self.seed, fresh_model=fresh)

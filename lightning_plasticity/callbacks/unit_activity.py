@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,8 +11,8 @@ from torch import Tensor
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn, module_loss
+from lightning_plasticity.core.reduction import reduce_stats
 from lightning_plasticity.measures.unit_activity import (
-    reduce_unit_activity_stats,
     unit_activity_from_stats,
     unit_activity_stats_of_pass,
 )
@@ -42,10 +41,10 @@ class UnitActivityCallback(MeasurementCallback):
     dead on every rank's shard, and the result equals one process on the whole probe batch.
 
     Logged under ``units/``: ``dead_fraction``, ``dormant_fraction``, ``rare_fraction``,
-    ``linearized_fraction``, ``saturated_fraction``, the counts ``num_dead``, ``num_dormant``,
-    and per layer ``<layer>/dead_fraction``, ``<layer>/dormant_fraction``,
-    ``<layer>/preactivation_mean``, ``<layer>/preactivation_std`` and their ``_drift_task`` and
-    ``_drift_init`` differences.
+    ``linearized_fraction``, ``saturated_fraction``, the counts ``num_dead``, ``num_dormant``, ...
+    and per layer ``<layer>/dead_fraction``, ``<layer>/dormant_fraction``, ... (the keys of
+    :meth:`UnitActivity.scalars` with ``layer_first``), ``<layer>/preactivation_mean``,
+    ``<layer>/preactivation_std`` and their ``_drift_task`` and ``_drift_init`` differences.
 
     Args:
         tau: ReDo dormancy threshold.
@@ -117,35 +116,26 @@ class UnitActivityCallback(MeasurementCallback):
         super().on_task_start(trainer, pl_module, task_id)
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                reduce: Callable[[Tensor], Tensor] | None) -> dict[str, Any]:
+                reduce: Callable[[Tensor], Tensor] | None) -> list[dict[str, float]]:
         with torch.no_grad():
             stats = unit_activity_stats_of_pass(
                 pl_module, lambda: module_loss(pl_module, batch, self.loss_fn), batch,
                 self.layers, saturation_threshold=self.saturation_threshold)
         if not stats:
             raise MeasurementSkipped("no layer of units was found in the loss pass; pass layers=")
-        reduce_sum = self._reduce_sum_fn(trainer)
-        if reduce_sum is not None:
-            stats = reduce_unit_activity_stats(stats, reduce_sum)
-        result = unit_activity_from_stats(stats, tau=self.tau, rare_fraction=self.rare_fraction)
-        metrics: dict[str, Any] = {
-            name: getattr(result, name)
-            for name in ("dead_fraction", "dormant_fraction", "rare_fraction",
-                         "linearized_fraction", "saturated_fraction", "num_dead", "num_dormant")
-        }
+        result = unit_activity_from_stats(reduce_stats(stats, self.reducer(trainer)),
+                                          tau=self.tau, rare_fraction=self.rare_fraction)
+        drift: dict[str, float] = {}
         for layer, act in result.layers.items():
-            metrics[f"{layer}/dead_fraction"] = act.dead_fraction
-            metrics[f"{layer}/dormant_fraction"] = act.dormant_fraction
-            stats = (act.preactivation_mean, act.preactivation_std)
-            self._reference_init.setdefault(layer, stats)
-            self._reference_task.setdefault(layer, stats)
+            stats_now = (act.preactivation_mean, act.preactivation_std)
+            self._reference_init.setdefault(layer, stats_now)
+            self._reference_task.setdefault(layer, stats_now)
             for i, name in enumerate(("preactivation_mean", "preactivation_std")):
-                metrics[f"{layer}/{name}"] = stats[i]
-                metrics[f"{layer}/{name}_drift_task"] = stats[i] - self._reference_task[layer][i]
-                metrics[f"{layer}/{name}_drift_init"] = stats[i] - self._reference_init[layer][i]
-        # Per-layer fields that do not apply to a layer (dead-ness of a Linear output, saturation
-        # of a ReLU) are NaN; leave them out rather than log NaN series.
-        return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+                drift[f"{layer}/{name}_drift_task"] = stats_now[i] - self._reference_task[layer][i]
+                drift[f"{layer}/{name}_drift_init"] = stats_now[i] - self._reference_init[layer][i]
+        # The result's own keys (NaN fields that do not apply to a layer left out) and the drift
+        # this callback tracks across measurements.
+        return [result.scalars(layer_first=True), drift]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "reference_init": dict(self._reference_init),

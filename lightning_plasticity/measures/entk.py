@@ -91,6 +91,21 @@ class EmpiricalNTK:
     num_outputs: int
     method: str
 
+    def scalars(self) -> dict[str, float]:
+        """The logged keys: ``entk_rank``, ``entk_condition_number``, ``entk_interference``,
+        ``entk_top_eigenvalue``, ``entk_trace``."""
+        return {
+            "entk_rank": float(self.rank),
+            "entk_condition_number": float(self.condition_number),
+            "entk_interference": float(self.interference),
+            "entk_top_eigenvalue": float(self.eigenvalues[0]),
+            "entk_trace": float(self.summed_kernel.diagonal().sum()),
+        }
+
+    def spectra(self) -> dict[str, Tensor]:
+        """1-D spectra for histograms: ``entk_eigenvalues``."""
+        return {"entk_eigenvalues": self.eigenvalues}
+
 
 @dataclass(frozen=True)
 class _PlannedLayer:

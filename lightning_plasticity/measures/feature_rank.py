@@ -44,6 +44,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_plasticity.core.reduction import reduce_stats, stat
 from lightning_plasticity.measures.spectral_stats import effective_rank
 
 __all__ = [
@@ -120,6 +121,10 @@ class FeatureRank:
             "feature_norm": self.feature_norm,
         }
 
+    def spectra(self) -> dict[str, Tensor]:
+        """1-D spectra for histograms: ``singular_values``."""
+        return {"singular_values": self.singular_values}
+
 
 @dataclass(frozen=True)
 class FeatureGramStats:
@@ -131,9 +136,9 @@ class FeatureGramStats:
         norm_sum: 0-d float64, sum of the rows' L2 norms.
     """
 
-    gram: Tensor
-    num_examples: Tensor
-    norm_sum: Tensor
+    gram: Tensor = stat("sum")
+    num_examples: Tensor = stat("sum")
+    norm_sum: Tensor = stat("sum")
 
 
 def _as_matrix(features: Tensor) -> Tensor:
@@ -313,15 +318,7 @@ def reduce_feature_gram_stats(stats: FeatureGramStats, reduce_sum: ReduceSum) ->
         >>> int(total.num_examples), float(total.gram[0, 0]), float(total.norm_sum)
         (30, 30.0, 60.0)
     """
-    d = stats.gram.shape[0]
-    flat = torch.cat(
-        [stats.gram.reshape(-1), stats.num_examples.reshape(1), stats.norm_sum.reshape(1)]
-    )
-    flat = reduce_sum(flat)
-    return FeatureGramStats(
-        gram=flat[: d * d].reshape(d, d), num_examples=flat[d * d], norm_sum=flat[d * d + 1]
-    )
-
+    return reduce_stats(stats, lambda t, op: reduce_sum(t))
 
 def feature_rank_from_gram(
     stats: FeatureGramStats,

@@ -55,6 +55,11 @@ class GradientHessianOverlap:
     gradient_norm: float
     hessian_gradient_norm: float
 
+    def scalars(self) -> dict[str, float]:
+        """The logged keys: ``grad_hessian_overlap``, ``grad_norm``, ``grad_rayleigh_quotient``."""
+        return {"grad_hessian_overlap": self.overlap, "grad_norm": self.gradient_norm,
+                "grad_rayleigh_quotient": self.rayleigh_quotient}
+
 
 @dataclass(frozen=True)
 class GradientTopKFraction:

@@ -193,6 +193,19 @@ class EpsRank:
     loss: float
     num_matvecs: int
 
+    def scalars(self) -> dict[str, float]:
+        """The logged keys: ``hessian_eps_rank``, ``hessian_eps_rank_normalized``,
+        ``hessian_eps_rank_error``, ``hessian_effective_rank``, ``hessian_top_eigenvalue``,
+        ``hessian_num_params``."""
+        return {
+            "hessian_eps_rank": float(self.eps_rank),
+            "hessian_eps_rank_normalized": float(self.normalized_rank),
+            "hessian_eps_rank_error": float(self.error_estimate),
+            "hessian_effective_rank": float(self.effective_rank),
+            "hessian_top_eigenvalue": float(self.top_eigenvalue),
+            "hessian_num_params": float(self.num_params),
+        }
+
 
 def effective_rank(eigenvalues: Tensor) -> float:
     """Roy & Vetterli (2007) effective rank of a spectrum: ``exp(entropy(|l| / sum |l|))``.

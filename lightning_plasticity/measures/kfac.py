@@ -153,6 +153,18 @@ class KFACEpsRank:
     threshold: float
     feature_effective_rank: dict[str, float]
 
+    def scalars(self) -> dict[str, float]:
+        """The logged keys: ``kfac_eps_rank``, ``kfac_eps_rank_normalized`` (over the parameters
+        covered), ``kfac_num_params`` and ``kfac_feature_effective_rank/<layer>``."""
+        out = {
+            "kfac_eps_rank": float(self.eps_rank),
+            "kfac_eps_rank_normalized": self.eps_rank / max(self.num_params, 1),
+            "kfac_num_params": float(self.num_params),
+        }
+        for layer, value in self.feature_effective_rank.items():
+            out[f"kfac_feature_effective_rank/{layer}"] = float(value)
+        return out
+
 
 # --------------------------------------------------------------------------------------------
 # The layers KFAC covers (the per-layer matrix layout lives in ``linear_layers``).

@@ -202,11 +202,14 @@ class ParameterStats:
     total: ParameterGroupStats
     wasserstein_p: int
 
-    def scalars(self, per_layer: bool = True, per_tensor: bool = False) -> dict[str, float]:
+    def scalars(self, per_layer: bool = True, per_tensor: bool = False,
+                layer_first: bool = False) -> dict[str, float]:
         """Flat ``name -> float`` for logging, without ``nan`` entries.
 
         Keys are ``"norm"``, ``"distance_from_init"``, ... for the total and
-        ``"norm/<layer>"`` / ``"norm/<parameter>"`` per layer / tensor.
+        ``"norm/<layer>"`` / ``"norm/<parameter>"`` per layer / tensor; with ``layer_first``
+        (the callback's layout, which groups a layer's panels in a dashboard)
+        ``"total/norm"`` and ``"<layer>/norm"``.
 
         Example::
 
@@ -221,7 +224,12 @@ class ParameterStats:
             (True, False)
             >>> # in a LightningModule or Callback hook: pl_module.log_dict(logged)
         """
-        out = {f: getattr(self.total, f) for f in _GROUP_FIELDS}
+        def key(field: str, group: str | None) -> str:
+            if layer_first:
+                return f"{group or 'total'}/{field}"
+            return field if group is None else f"{field}/{group}"
+
+        out = {key(f, None): getattr(self.total, f) for f in _GROUP_FIELDS}
         groups: list[dict[str, ParameterGroupStats]] = []
         if per_layer:
             groups.append(self.layers)
@@ -230,7 +238,7 @@ class ParameterStats:
         for group in groups:
             for name, g in group.items():
                 for f in _GROUP_FIELDS:
-                    out[f"{f}/{name}"] = getattr(g, f)
+                    out[key(f, name)] = getattr(g, f)
         return {k: v for k, v in out.items() if not math.isnan(v)}
 
 

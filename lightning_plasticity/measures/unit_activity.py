@@ -82,6 +82,7 @@ from torch import Tensor, nn
 from lightning_plasticity.core.batch import tensor_leaves
 from lightning_plasticity.core.isolation import forked_rng, module_device
 from lightning_plasticity.core.record import LayerCall, hooked
+from lightning_plasticity.core.reduction import reduce_stats, stat
 from lightning_plasticity.models.activations import CReLU
 
 __all__ = [
@@ -336,17 +337,17 @@ class LayerActivityStats:
     """
 
     kind: str
-    num_examples: Tensor
-    num_values: Tensor
-    active_count: Tensor
-    abs_mean_sum: Tensor
-    sum: Tensor
-    sq_sum: Tensor
-    saturated_count: Tensor
-    num_pre_values: Tensor
-    pre_positive_count: Tensor
-    pre_sum: Tensor
-    pre_sq_sum: Tensor
+    num_examples: Tensor = stat("sum")
+    num_values: Tensor = stat("sum")
+    active_count: Tensor = stat("sum")
+    abs_mean_sum: Tensor = stat("sum")
+    sum: Tensor = stat("sum")
+    sq_sum: Tensor = stat("sum")
+    saturated_count: Tensor = stat("sum")
+    num_pre_values: Tensor = stat("sum")
+    pre_positive_count: Tensor = stat("sum")
+    pre_sum: Tensor = stat("sum")
+    pre_sq_sum: Tensor = stat("sum")
 
     def tensors(self) -> list[Tensor]:
         """The statistics in field order (everything but ``kind``)."""
@@ -543,22 +544,7 @@ def reduce_unit_activity_stats(
     """
     if not stats:
         return {}
-    parts = [t for s in stats.values() for t in s.tensors()]
-    device = parts[0].device
-    flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in parts])
-    flat = reduce_sum(flat)
-    out: dict[str, LayerActivityStats] = {}
-    offset = 0
-    for name, s in stats.items():
-        values: dict[str, Any] = {"kind": s.kind}
-        for f in fields(s):
-            if f.name == "kind":
-                continue
-            t = getattr(s, f.name)
-            values[f.name] = flat[offset : offset + t.numel()].reshape(t.shape).to(t.device)
-            offset += t.numel()
-        out[name] = LayerActivityStats(**values)
-    return out
+    return reduce_stats(stats, lambda t, op: reduce_sum(t))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -650,11 +636,12 @@ class UnitActivity:
     tau: float
     rare_threshold: float
 
-    def scalars(self, per_layer: bool = True) -> dict[str, float]:
+    def scalars(self, per_layer: bool = True, layer_first: bool = False) -> dict[str, float]:
         """Flat ``name -> float`` for logging, without ``nan`` entries.
 
         Keys are ``"dead_fraction"``, ... for the totals and ``"dead_fraction/<layer>"``,
-        ``"preactivation_std/<layer>"``, ... per layer.
+        ``"preactivation_std/<layer>"``, ... per layer (``"<layer>/dead_fraction"`` with
+        ``layer_first``, the callback's layout).
 
         Example::
 
@@ -679,13 +666,16 @@ class UnitActivity:
             out[f"num_{m}"] = float(getattr(self, f"num_{m}"))
         if per_layer:
             for name, layer in self.layers.items():
+                def put(key: str, value: float, name: str = name) -> None:
+                    out[f"{name}/{key}" if layer_first else f"{key}/{name}"] = value
+
                 for m in _METRICS:
-                    out[f"{m}_fraction/{name}"] = getattr(layer, f"{m}_fraction")
+                    put(f"{m}_fraction", getattr(layer, f"{m}_fraction"))
                 for key in ("activation_mean", "activation_std"):
                     if layer.num_units:
-                        out[f"{key}/{name}"] = getattr(layer, key)
-                out[f"preactivation_mean/{name}"] = layer.preactivation_mean
-                out[f"preactivation_std/{name}"] = layer.preactivation_std
+                        put(key, getattr(layer, key))
+                put("preactivation_mean", layer.preactivation_mean)
+                put("preactivation_std", layer.preactivation_std)
         return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
