@@ -13,7 +13,6 @@ optimizer steps when given.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -21,10 +20,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_plasticity.callbacks.log_now import log_now
 from lightning_plasticity.callbacks.probe import (
     MeasurementSkipped,
     ModuleLossFn,
@@ -37,6 +36,7 @@ from lightning_plasticity.callbacks.probe import (
     select_probe_batch,
 )
 from lightning_plasticity.core.reduction import Reducer
+from lightning_plasticity.core.schedule import StepSchedule, TaskSchedule
 
 __all__ = ["MeasurementCallback", "MeasurementSkipped"]
 
@@ -97,7 +97,9 @@ class MeasurementCallback(Callback):
         self._probe_source = ProbeSource(probe_size)
         self._head: str | None = None
         self._measured_at_fit_start = False
-        self._last_step = -1
+        self._starts, self._ends = TaskSchedule(every_n_tasks), TaskSchedule(every_n_tasks)
+        self._steps = StepSchedule(every_n_train_steps)
+        self._restored = False
 
     # ------------------------------------------------------------------ to implement
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -241,35 +243,21 @@ class MeasurementCallback(Callback):
                    for k, v in list(metrics.items()) if k.startswith("spectrum:")}
         scalars = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()
                    if not k.startswith("spectrum:")}
-        self._log(trainer, scalars, spectra)
+        log_now(trainer, scalars, spectra)
         record = {"task": task_id, "step": trainer.global_step, "event": event, **scalars,
                   **{k: v.tolist() for k, v in spectra.items()}}
         self.history.append(record)
         return record
 
-    def _log(self, trainer: pl.Trainer, scalars: dict[str, float],
-             spectra: dict[str, Tensor]) -> None:
-        # Logged straight to the loggers at the current step (like LearningRateMonitor): an
-        # epoch-level self.log would average several measurements made in one task.
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in scalars.items() if math.isfinite(v)}, step=step)
-            if spectra and isinstance(logger, WandbLogger) and trainer.is_global_zero:
-                import wandb
-
-                logger.experiment.log({**{k: wandb.Histogram(v.numpy()) for k, v in
-                                          spectra.items()}, "trainer/global_step": step})
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
-
     # ------------------------------------------------------------------ hooks
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                       task_id: int) -> None:
-        if self.at_task_start and task_id % self.every_n_tasks == 0:
+        if self.at_task_start and self._starts.due(task_id):
             self.measure_now(trainer, pl_module, "task_start", task_id)
 
     def on_task_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                     task_id: int) -> None:
-        if self.at_task_end and task_id % self.every_n_tasks == 0:
+        if self.at_task_end and self._ends.due(task_id):
             self.measure_now(trainer, pl_module, "task_end", task_id)
 
     @staticmethod
@@ -301,6 +289,18 @@ class MeasurementCallback(Callback):
             self.measure_now(trainer, pl_module, "fit_start", self._task_id(trainer))
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._restored:  # a new run (not a resume): its tasks and steps start over
+            self._starts.reset()
+            self._ends.reset()
+            self._steps.last = -1
+        self._restored = False
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._steps.start(trainer.global_step)  # after a checkpoint is restored
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._has_task_events(trainer) or not (self.at_task_start or self.at_task_end):
             return
@@ -309,10 +309,7 @@ class MeasurementCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        n, step = self.every_n_train_steps, trainer.global_step
-        # _last_step: with gradient accumulation several batches share one global step.
-        if n is not None and step % n == 0 and step > 0 and step != self._last_step:
-            self._last_step = step
+        if self._steps.due(trainer.global_step):
             if not self._has_task_events(trainer) and not (self.at_task_start or
                                                            self.at_task_end):
                 self._note_schedule()
@@ -321,9 +318,17 @@ class MeasurementCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(h) for h in self.history],
-                "measured_at_fit_start": self._measured_at_fit_start}
+                "measured_at_fit_start": self._measured_at_fit_start,
+                "schedule": {"task_start": self._starts.state_dict(),
+                             "task_end": self._ends.state_dict(),
+                             "step": self._steps.state_dict()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         self._measured_at_fit_start = bool(state_dict.get("measured_at_fit_start", False))
+        schedule = state_dict.get("schedule", {})
+        self._starts.load_state_dict(schedule.get("task_start", {}))
+        self._ends.load_state_dict(schedule.get("task_end", {}))
+        self._steps.load_state_dict(schedule.get("step", {}))
+        self._restored = True

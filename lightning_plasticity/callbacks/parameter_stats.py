@@ -86,6 +86,7 @@ class ParameterStatsCallback(MeasurementCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self.init is None:  # not when resuming: the checkpoint holds the true theta_0
             self.init = snapshot_parameters(pl_module, device="cpu")
 

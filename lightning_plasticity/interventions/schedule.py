@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -19,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_plasticity.callbacks.log_now import log_now
+from lightning_plasticity.core.schedule import StepSchedule, TaskSchedule
 from lightning_plasticity.data.seeding import derive_seed
 
 __all__ = ["INTERVENTION_PREFIX", "ScheduledIntervention", "SeededIntervention"]
@@ -77,12 +78,8 @@ class SeededIntervention(Callback):
 
     @staticmethod
     def log_now(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-        """Log straight to the loggers at the current step (as LearningRateMonitor does)."""
-        metrics = {f"{INTERVENTION_PREFIX}/{k}": float(v) for k, v in metrics.items()}
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        for logger in trainer.loggers:
-            logger.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        """Log under ``intervention/`` straight to the loggers at the current step."""
+        log_now(trainer, {f"{INTERVENTION_PREFIX}/{k}": float(v) for k, v in metrics.items()})
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -133,9 +130,8 @@ class ScheduledIntervention(SeededIntervention):
         self.num_applied = 0
         #: the seed of the latest application
         self.last_seed: int | None = None
-        self._last_task = 0
-        self._last_step = -1  # the step of the latest application
-        self._seen_step = 0  # the step at the latest training batch end
+        self._tasks = TaskSchedule(every_n_tasks, after=0)  # task 0 starts fresh
+        self._steps = StepSchedule(every_n_train_steps)
         self._restored = False
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
@@ -159,7 +155,8 @@ class ScheduledIntervention(SeededIntervention):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
         if not self._restored:  # a new run (not a resume): its tasks and steps start over
-            self._last_task, self._last_step = 0, -1
+            self._tasks.reset()
+            self._steps.last = -1
         self._restored = False
         if self.every_n_train_steps is None and not hasattr(trainer.datamodule, "task_id"):
             self._warn_once("on_task_start needs a ContinualDataModule (or another source of "
@@ -169,38 +166,31 @@ class ScheduledIntervention(SeededIntervention):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After a checkpoint's training state is restored: the step counting starts here.
-        self._seen_step = trainer.global_step
+        self._steps.start(trainer.global_step)
 
     def on_task_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                       task_id: int) -> None:
         """Task event (see :mod:`lightning_plasticity.data.task_events`)."""
-        if self.at_task_start and task_id > self._last_task and task_id % self.every_n_tasks == 0:
-            self._last_task = task_id
-            if self.apply(trainer, pl_module, "task_start", None) is not False:
-                self.num_applied += 1
+        if self.at_task_start and self._tasks.due(task_id) and \
+                self.apply(trainer, pl_module, "task_start", None) is not False:
+            self.num_applied += 1
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        n, step = self.every_n_train_steps, trainer.global_step
-        previous, self._seen_step = self._seen_step, step
-        # Several batches share one global step with gradient accumulation; several optimizer
-        # steps happen in one batch with manual optimization: act when a multiple is crossed.
-        if n is None or step <= previous or step == self._last_step or step // n <= previous // n:
-            return
-        self._last_step = step
-        if self.apply(trainer, pl_module, "step", batch) is not False:
+        if self._steps.due(trainer.global_step) and \
+                self.apply(trainer, pl_module, "step", batch) is not False:
             self.num_applied += 1
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "num_applied": self.num_applied,
-                "last_task": self._last_task, "last_step": self._last_step}
+                "last_task": self._tasks.last, "last_step": self._steps.last}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.num_applied = int(state_dict.get("num_applied", 0))
-        self._last_task = int(state_dict.get("last_task", 0))
-        self._last_step = int(state_dict.get("last_step", -1))
+        self._tasks.load_state_dict({"last": state_dict.get("last_task", 0)})
+        self._steps.load_state_dict({"last": state_dict.get("last_step", -1)})
         self._restored = True

@@ -14,34 +14,17 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from lightning_plasticity.core.layers import ROOT_NAME, describe_names, parameterised_layers
+
 __all__ = ["NamedParams", "model_parameters", "select_parameters"]
 
 #: A ``params`` argument: the list :func:`select_parameters` returns, or bare parameters.
 NamedParams = Sequence[tuple[str, nn.Parameter] | nn.Parameter]
 
-# How many module names to list in an error message before eliding the rest.
-_MAX_NAMES_IN_ERROR = 12
-
-
-def _describe_names(names: Sequence[str]) -> str:
-    shown = [repr(n) for n in names[:_MAX_NAMES_IN_ERROR]]
-    if len(names) > _MAX_NAMES_IN_ERROR:
-        shown.append(f"... ({len(names) - _MAX_NAMES_IN_ERROR} more)")
-    return ", ".join(shown)
-
-
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that directly own at least one trainable parameter, in registration order.
-
-    "Directly" (``recurse=False``) rather than "leaf" so that modules such as
-    ``nn.MultiheadAttention``, which own ``in_proj_weight`` and also have an ``out_proj`` child,
-    still count as a layer (and ``out_proj`` as the next one).
-    """
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if any(p.requires_grad for p in module.parameters(recurse=False))
-    ]
+    """Modules that directly own a trainable parameter (the model itself named ``""``)."""
+    return [("" if name == ROOT_NAME else name, module)
+            for name, module in parameterised_layers(model, trainable=True).items()]
 
 
 def select_parameters(
@@ -114,7 +97,7 @@ def select_parameters(
                 raise ValueError(
                     f"select_parameters: module name or pattern {pattern!r} matches no submodule "
                     f"of {type(model).__name__}; available names include "
-                    f"{_describe_names([n for n in module_names if n])}."
+                    f"{describe_names([n for n in module_names if n])}."
                 )
             for m in matched:
                 wanted.update(id(p) for p in m.parameters() if p.requires_grad)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from lightning_plasticity.callbacks import (
@@ -96,3 +98,24 @@ if __name__ == "__main__":  # the module x callback matrix for the docs
         cells = ["works" if r == "works" else "skips: " + r.split("(", 1)[-1][:60]
                  for r in row.values()]
         print(f"| {zoo_name} | " + " | ".join(cells) + " |")
+
+
+def test_manual_optimization_measures_with_a_loss_fn_and_never_steps() -> None:
+    # With loss_fn the measurements run on a manual-optimization module; its training_step
+    # (which steps Adam) is never called by them: Adam's step count and the weights are those
+    # of a run without callbacks.
+    def loss_fn(module: torch.nn.Module, batch: Any) -> torch.Tensor:
+        return F.cross_entropy(module(batch[0]), batch[1])
+
+    entry = ZOO["manual_opt"]
+    trainer_plain, plain = fit(entry, max_steps=MAX_STEPS)
+    callbacks = [KFACCallback(probe_size=8, loss_fn=loss_fn),
+                 UnitActivityCallback(probe_size=16, loss_fn=loss_fn),
+                 HessianRankCallback(probe_size=8, loss_fn=loss_fn)]
+    trainer, measured = fit(entry, callbacks=callbacks, max_steps=MAX_STEPS)
+    assert all(len(cb.history) == 2 for cb in callbacks)
+    step_count = [s["step"] for s in trainer.optimizers[0].state_dict()["state"].values()]
+    plain_count = [s["step"] for s in trainer_plain.optimizers[0].state_dict()["state"].values()]
+    assert [float(s) for s in step_count] == [float(s) for s in plain_count] == [MAX_STEPS] * 4
+    assert all(torch.equal(a, b) for a, b in zip(_weights(plain).values(),
+                                                 _weights(measured).values(), strict=True))

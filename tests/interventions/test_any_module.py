@@ -269,7 +269,7 @@ def test_shrink_and_perturb_keeps_every_optimizer_state() -> None:
     after = AtStep(4, lambda trainer, module: optimizer_states(trainer, module))
     fit(TWO_OPTIMIZERS, [snap, sp, after], max_steps=8)
     # Global steps 2, 4, 6, 8: the multiples 3 and 6 are crossed at steps 4 and 6.
-    assert sp.num_applied == 2 and sp._last_step == 6
+    assert sp.num_applied == 2 and sp._steps.last == 6
     for i, state in enumerate(snap.result):
         for name, entries in state.items():
             for key, value in entries.items():

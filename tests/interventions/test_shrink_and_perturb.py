@@ -38,7 +38,7 @@ def test_continual_shrink_and_perturb_every_step() -> None:
     state = cb.state_dict()
     other = ShrinkAndPerturb(seed=1)
     other.load_state_dict(state)
-    assert other.base_seed == 0 and other.num_applied == 5 and other._last_step == 10
+    assert other.base_seed == 0 and other.num_applied == 5 and other._steps.last == 10
 
 
 def test_resuming_inside_a_task_does_not_repeat_its_start(tmp_path: Any) -> None:
