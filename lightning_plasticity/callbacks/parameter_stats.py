@@ -119,15 +119,20 @@ class ParameterStatsCallback(MeasurementCallback):
         if self._last_grads and all(p.grad is None for p in pl_module.parameters()):
             # Restored by the measurement context afterwards.
             for name, p in pl_module.named_parameters():
-                p.grad = self._last_grads.get(name)
+                grad = self._last_grads.get(name)
+                p.grad = None if grad is None else grad.to(p.device)
         stats = parameter_stats(pl_module, self.init, self.task_start,
                                 wasserstein_p=self.wasserstein_p, stable_rank=self.stable_rank)
         return stats.scalars(layer_first=True)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "init": self.init, "task_start": self.task_start}
+        # The last step's gradients are kept only at an epoch's end (for the task-end
+        # measurement a checkpoint at a task boundary resumes into).
+        return {**super().state_dict(), "init": self.init, "task_start": self.task_start,
+                "last_grads": {k: v.cpu() for k, v in self._last_grads.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.init, self.task_start = state_dict.get("init"), state_dict.get("task_start")
+        self._last_grads = dict(state_dict.get("last_grads", {}))
 

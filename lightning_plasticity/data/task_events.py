@@ -91,9 +91,35 @@ class TaskEventDispatcher(Callback):
     def __init__(self) -> None:
         self._head_output: Tensor | None = None
         self._handle: Any = None
+        self._started_epoch: int | None = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up_after_resume(trainer, pl_module)
+        self._hook_head(trainer, pl_module)
+
+    def _catch_up_after_resume(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Fire the task events Lightning skips when it resumes at an epoch's last batch.
+
+        A checkpoint written after the last batch of an epoch (``every_n_train_steps`` at a task
+        boundary) resumes in the *next* epoch without calling the finished epoch's
+        ``on_train_epoch_end`` or the new epoch's ``on_train_epoch_start``: the task would never
+        end or start. The data module's state says so (its last recorded batch completed the
+        previous epoch's task, which has no history record yet); end that task and start the
+        new one here, exactly as the epoch hooks would have.
+        """
+        dm = _datamodule(trainer)
+        epoch = trainer.current_epoch
+        if dm is None or dm._epoch != epoch - 1 or not dm.task_completed_in_epoch(dm._epoch) or \
+                any(int(h["task"]) == dm.task_id for h in dm.task_history):
+            return
+        dm._resume = None
+        self._end_task(trainer, pl_module, dm)
+        if epoch % dm.epochs_per_task == 0 and dm.task_of_epoch(epoch) < dm.num_tasks:
+            self._start_task(trainer, pl_module, dm, epoch)
+            self._started_epoch = epoch
+
+    def _hook_head(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = _datamodule(trainer)
         if dm is None or dm.is_regression or self._handle is not None:
             return
@@ -136,9 +162,15 @@ class TaskEventDispatcher(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = _datamodule(trainer)
-        if dm is None or trainer.current_epoch % dm.epochs_per_task != 0:
+        epoch = trainer.current_epoch
+        if dm is None or epoch % dm.epochs_per_task != 0 or epoch == self._started_epoch:
             return
-        task_id = dm.task_of_epoch(trainer.current_epoch)
+        self._start_task(trainer, pl_module, dm, epoch)
+
+    @staticmethod
+    def _start_task(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                    dm: ContinualDataModule, epoch: int) -> None:
+        task_id = dm.task_of_epoch(epoch)
         dm._start_task(task_id)
         dispatch_task_event(trainer, pl_module, "on_task_start", task_id)
 
@@ -172,6 +204,11 @@ class TaskEventDispatcher(Callback):
         # A task cut short (max_steps, early stopping) does not end: its resume will end it.
         if dm is None or not dm.task_completed_in_epoch(trainer.current_epoch):
             return
+        self._end_task(trainer, pl_module, dm)
+
+    @staticmethod
+    def _end_task(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                  dm: ContinualDataModule) -> None:
         task_id = dm.task_id
         # Every rank reaches this point at the same epoch with the same number of batches, so
         # the collectives are safe and every rank computes the same metrics.
