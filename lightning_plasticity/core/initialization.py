@@ -1,4 +1,4 @@
-"""Fresh, seeded re-initialisation of a copy of a module."""
+"""Copies of a module for measurements: clean (no hooks) and fresh (seeded re-initialisation)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,56 @@ from torch import nn
 
 from lightning_plasticity.core.isolation import forked_rng
 
-__all__ = ["fresh_initialization"]
+__all__ = ["clean_copy", "fresh_initialization"]
+
+
+def clean_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are plain copies of the values.
+
+    ``copy.deepcopy`` also copies the Python attributes of every parameter, including hooks a
+    wrapper put on them, and through those the wrapper: under DDP the parameters carry hooks
+    bound to the ``DistributedDataParallel`` object, which cannot be copied. Likewise a factory
+    a module keeps (``functools.partial`` from LightningCLI holds the whole CLI, and through it
+    the trainer). Here parameters (values, ``requires_grad``) and buffers are copied as fresh
+    tensors, callables that are not modules (factories, loss functions) are shared, and the rest
+    of the module tree, including its own forward hooks (old-style weight or spectral norm), is
+    deep-copied.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> handle = net.weight.register_post_accumulate_grad_hook(lambda p: None)
+        >>> copy_ = clean_copy(net)
+        >>> torch.equal(copy_.weight, net.weight), copy_.weight._post_accumulate_grad_hooks
+        (True, None)
+    """
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    for b in module.buffers():
+        memo[id(b)] = b.detach().clone()
+
+    def share_callables(value: object, depth: int) -> None:
+        if isinstance(value, (nn.Module, torch.Tensor, type)) or depth > 4:
+            return
+        if callable(value) and not isinstance(value, dict):
+            # A module's own bound method (a patched forward) must follow the copy.
+            if not isinstance(getattr(value, "__self__", None), nn.Module):
+                memo[id(value)] = value
+        elif isinstance(value, dict):
+            for v in value.values():
+                share_callables(v, depth + 1)
+        elif isinstance(value, (list, tuple, set)):
+            for v in value:
+                share_callables(v, depth + 1)
+
+    for m in module.modules():
+        for name, value in vars(m).items():
+            if not name.endswith("_hooks"):  # a module's own hooks are copied with it
+                share_callables(value, 0)
+    return copy.deepcopy(module, memo)
 
 
 def fresh_initialization(module: nn.Module, seed: int) -> nn.Module:
@@ -32,7 +81,7 @@ def fresh_initialization(module: nn.Module, seed: int) -> nn.Module:
     """
     device = next((p.device for p in module.parameters() if p.is_cuda), None)
     with forked_rng(seed, device), torch.no_grad():
-        fresh = copy.deepcopy(module)
+        fresh = clean_copy(module)
         for m in fresh.modules():
             reset = getattr(m, "reset_parameters", None)
             if callable(reset):

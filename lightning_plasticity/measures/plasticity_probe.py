@@ -34,7 +34,6 @@ collective); the copy is not wrapped in DDP. Pass the bare network (e.g.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 
 from lightning_plasticity.core.batch import batch_size as num_examples
 from lightning_plasticity.core.batch import detach_clone, index_batch, tensor_leaves
+from lightning_plasticity.core.initialization import clean_copy
 from lightning_plasticity.core.isolation import forked_rng
 
 __all__ = ["PlasticityProbe", "plasticity_probe"]
@@ -129,7 +129,7 @@ def _seed_global(seed: int, device: torch.device) -> None:
 
 def _copy(model: nn.Module) -> nn.Module:
     try:
-        clone = copy.deepcopy(model)
+        clone = clean_copy(model)
     except Exception as err:  # re-raised with a hint
         raise ValueError(
             f"cannot deep-copy {type(model).__name__} for the plasticity probe ({err}); pass "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import lightning.pytorch as pl
@@ -168,3 +169,13 @@ def test_a_failing_computation_warns_once_and_training_goes_on(error: Exception)
         trainer = fast_trainer(callbacks=[cb], limit_val_batches=0)
         trainer.fit(small_classifier(), datamodule=small_stream(num_tasks=3))
     assert trainer.global_step == 15 and cb.history == []
+
+
+def test_probe_collects_as_many_training_batches_as_probe_size_needs() -> None:
+    # BoringModel's loader yields batches of one example: the probe takes 16 of them, not 1.
+    cb = GradientInterferenceCallback(probe_size=16)
+    fast_trainer(callbacks=[cb], max_steps=2, limit_val_batches=0).fit(BoringModel())
+    probe = cb._probe_source.batch
+    assert probe.shape == (16, 32)
+    first = cb.history[0]
+    assert first["grads/rank"] > 1 and math.isfinite(first["grads/mean_cosine"])
