@@ -9,6 +9,7 @@ here so YAML can name them by their short class names (``ContinualClassifier``, 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,9 +45,48 @@ def run_cli(args: list[str] | None = None) -> PlasticityCLI:
     )
 
 
+_UNION_ERROR = "Does not validate against any of the Union subtypes"
+
+
+def package_message(error: BaseException) -> str | None:
+    """The package's own message inside jsonargparse's union error, or None.
+
+    jsonargparse reports a class that rejects its arguments as a failed union match, listing
+    the real error (ours: "num_tasks must be >= 1, got 0.") between its own lines.
+
+    Example::
+
+        >>> err = ValueError("Does not validate against any of the Union subtypes\n"
+        ...                  "Subtypes: [...]\nErrors:\n  - num_tasks must be >= 1, got 0.\n"
+        ...                  "  - Expected a <class 'NoneType'>\nGiven value type: ...")
+        >>> package_message(err)
+        'num_tasks must be >= 1, got 0.'
+    """
+    while error is not None:
+        text = str(error)
+        if _UNION_ERROR in text and "Errors:" in text:
+            for line in text.split("Errors:", 1)[1].splitlines():
+                line = line.strip()
+                if line.startswith("- ") and "Expected a <class 'NoneType'>" not in line:
+                    return line[2:]
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main() -> None:
-    """Entry point of the ``lightning-plasticity`` console script."""
-    run_cli()
+    """Entry point of the ``lightning-plasticity`` console script.
+
+    A class that rejects its arguments shows its own message, not jsonargparse's union-error
+    traceback (``LP_TRACEBACK=1`` shows that too).
+    """
+    try:
+        run_cli()
+    except (ValueError, TypeError) as err:
+        message = package_message(err)
+        if message is None or os.environ.get("LP_TRACEBACK"):
+            raise
+        print(f"lightning-plasticity: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

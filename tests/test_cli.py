@@ -62,3 +62,23 @@ def test_quickstart_recipe_runs_and_writes_its_plot(tmp_path: Path) -> None:
     assert len(ends) == 3
     assert (run_dir / "config.yaml").exists()
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*")), "wandb offline run missing"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    (["--data.init_args.num_tasks", "0"], "num_tasks must be >= 1, got 0"),
+    (["--data.init_args.task", "shuffled"], "Unknown task kind 'shuffled'"),
+    (["--model.init_args.lr", "-1"], "Need lr > 0"),
+])
+def test_the_package_message_comes_first(monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str], override: list,
+                                         message: str) -> None:
+    from lightning_plasticity.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lightning-plasticity", "fit", "--config",
+                                      str(REPO / "recipes" / "quickstart.yaml"), *override])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-plasticity: error:") and message in err
+    assert "Union subtypes" not in err

@@ -4,8 +4,6 @@ several measurements made in one task, and callbacks measure outside ``training_
 
 from __future__ import annotations
 
-import math
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
@@ -18,12 +16,12 @@ def log_now(trainer: pl.Trainer, scalars: dict[str, float],
             spectra: dict[str, Tensor] | None = None) -> None:
     """Write ``scalars`` to every logger (and ``spectra`` as wandb histograms) at this step.
 
-    Non-finite values are not sent to the loggers (CSV and TensorBoard reject or hide them) but
-    stay in ``trainer.callback_metrics``.
+    Non-finite values are logged as such (``nan``/``inf`` in the CSV, gaps in a chart), so that a
+    measurement that went wrong shows instead of vanishing.
     """
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
     for logger in trainer.loggers:
-        logger.log_metrics({k: v for k, v in scalars.items() if math.isfinite(v)}, step=step)
+        logger.log_metrics(dict(scalars), step=step)
         if spectra and isinstance(logger, WandbLogger) and trainer.is_global_zero:
             import wandb
 

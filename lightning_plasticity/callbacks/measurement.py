@@ -13,6 +13,7 @@ optimizer steps when given.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -243,6 +244,10 @@ class MeasurementCallback(Callback):
                    for k, v in list(metrics.items()) if k.startswith("spectrum:")}
         scalars = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()
                    if not k.startswith("spectrum:")}
+        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+        if bad:
+            self._note_once(f"non-finite values ({', '.join(bad[:4])}"
+                            f"{', ...' if len(bad) > 4 else ''}) are logged as such")
         log_now(trainer, scalars, spectra)
         record = {"task": task_id, "step": trainer.global_step, "event": event, **scalars,
                   **{k: v.tolist() for k, v in spectra.items()}}

@@ -352,7 +352,12 @@ class ContinualDataModule(pl.LightningDataModule):
         The examples are a pure function of ``(seed, task_id, split)``: measurement callbacks
         use this to evaluate the same inputs every time.
         """
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"probe_batch: size must be an int >= 1, got {size!r}.")
         task_id = self.task_id if task_id is None else task_id
+        if not 0 <= task_id < self.num_tasks:
+            raise ValueError(f"probe_batch: task_id must be in [0, {self.num_tasks}), got "
+                             f"{task_id}.")
         idx = self.task_examples(task_id, split)
         pick = torch.randperm(idx.shape[0], generator=generator(self.seed, "probe", split,
                                                                 task_id))[:size]
@@ -383,7 +388,16 @@ class ContinualDataModule(pl.LightningDataModule):
             if not any(isinstance(c, TaskEventDispatcher) for c in trainer.callbacks):
                 # First, so task state is updated before other callbacks (and checkpoints) run.
                 trainer.callbacks.insert(0, TaskEventDispatcher())
-            trainer.fit_loop.max_epochs = self.num_tasks * self.epochs_per_task
+            needed = self.num_tasks * self.epochs_per_task
+            asked = trainer.fit_loop.max_epochs
+            # Lightning's own defaults: None/-1 (no limit) or 1000 (max_steps unset).
+            if asked not in (None, -1, 1000, needed):
+                raise ValueError(
+                    f"Trainer(max_epochs={asked}) conflicts with the task stream: num_tasks="
+                    f"{self.num_tasks} x epochs_per_task={self.epochs_per_task} needs "
+                    f"{needed} epochs (one task per epoch). Leave max_epochs unset (the data "
+                    "module sets it), change num_tasks, or stop early with max_steps.")
+            trainer.fit_loop.max_epochs = needed
 
     def _loader(self, sampler: TrainStreamSampler | EvalStreamSampler) -> DataLoader:
         return _ResumableLoader(sampler.dataset, batch_size=None, sampler=sampler,
@@ -460,6 +474,8 @@ class ContinualDataModule(pl.LightningDataModule):
         key, sign = (("end_accuracy", 1.0) if "end_accuracy" in record else ("end_loss", -1.0))
         if key not in record:
             return float("nan")
+        if not math.isfinite(record.get("end_loss", 0.0)):
+            return 0.0  # diverged: no task is learnable any more
         seen = [sign * h[key] for h in self.task_history if key in h] + [sign * record[key]]
         return float(sign * record[key] >= max(seen) - self.trainability_tolerance)
 
@@ -467,6 +483,8 @@ class ContinualDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset_name, "task": self.task_name, "seed": self.seed,
+            "steps_per_task": self.steps_per_task, "epochs_per_task": self.epochs_per_task,
+            "batch_size": self.batch_size, "num_tasks": self.num_tasks,
             "task_id": self.task_id, "epoch": self._epoch, "epoch_batches": self._epoch_batches,
             "task_batches": [(float(loss), None if acc is None else float(acc))
                              for loss, acc in self._task_batches],
@@ -475,8 +493,11 @@ class ContinualDataModule(pl.LightningDataModule):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # num_tasks may grow (continue a run with more tasks); the rest fixes where steps fall.
         for key, mine in [("dataset", self.dataset_name), ("task", self.task_name),
-                          ("seed", self.seed)]:
+                          ("seed", self.seed), ("steps_per_task", self.steps_per_task),
+                          ("epochs_per_task", self.epochs_per_task),
+                          ("batch_size", self.batch_size)]:
             if state_dict.get(key, mine) != mine:
                 raise ValueError(
                     f"The checkpoint's task stream has {key}={state_dict[key]!r} but this data "

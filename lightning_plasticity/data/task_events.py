@@ -20,7 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
@@ -92,6 +94,7 @@ class TaskEventDispatcher(Callback):
         self._head_output: Tensor | None = None
         self._handle: Any = None
         self._started_epoch: int | None = None
+        self._diverged = False
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -189,14 +192,23 @@ class TaskEventDispatcher(Callback):
             accuracy = _accuracy(logits, target)
         if loss is not None:
             dm._record_batch(trainer.current_epoch, batch_idx, loss, accuracy)
+            if not self._diverged and not bool(torch.isfinite(loss).all()):
+                self._diverged = True
+                rank_zero_warn(
+                    f"The training loss is {float(loss)} at step {trainer.global_step} (task "
+                    f"{dm.task_id}): the run has diverged; task metrics from here on are not "
+                    "meaningful (task/trainable is 0). Lower the learning rate, or check the "
+                    "inputs and the loss.")
         # self.log costs about a millisecond a call: only call it on steps the loggers write.
         if not getattr(trainer._logger_connector, "should_update_logs", True):
             return
         pl_module.log("task/id", float(dm.task_id), on_step=True, on_epoch=False)
+        # Over ranks, so that the step values describe the global batch, not rank 0's shard.
         if accuracy is not None:
-            pl_module.log("task/train_accuracy", accuracy, on_step=True, on_epoch=False)
+            pl_module.log("task/train_accuracy", accuracy, on_step=True, on_epoch=False,
+                          sync_dist=True)
         if loss is not None:
-            pl_module.log("task/train_loss", loss, on_step=True, on_epoch=False)
+            pl_module.log("task/train_loss", loss, on_step=True, on_epoch=False, sync_dist=True)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -54,11 +54,22 @@ class _ContinualModule(pl.LightningModule):
         if input_shape is not None and num_outputs is not None:
             self.network = self._network_factory(tuple(input_shape), int(num_outputs))
 
+    #: whether the module expects a regression stream (checked against the data module)
+    is_regressor = False
+
     @override
     def configure_model(self) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        stream_regression = getattr(dm, "is_regression", None)
+        if stream_regression is not None and bool(stream_regression) != self.is_regressor:
+            name, task = type(self).__name__, getattr(dm, "task_name", "?")
+            other = "ContinualRegressor" if stream_regression else "ContinualClassifier"
+            raise ValueError(
+                f"{name} cannot learn the {'regression' if stream_regression else 'classification'}"
+                f" stream task={task!r} (its loss would be meaningless, e.g. exactly 0); use "
+                f"{other}, or a task of the other kind.")
         if self.network is not None:
             return
-        dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None or not hasattr(dm, "input_shape") or not hasattr(dm, "num_outputs"):
             raise ValueError(
                 f"{type(self).__name__} needs input_shape and num_outputs, either as arguments or "
@@ -220,6 +231,8 @@ class ContinualRegressor(_ContinualModule):
         >>> "task/val_loss" in trainer.callback_metrics
         True
     """
+
+    is_regressor = True
 
     @override
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:

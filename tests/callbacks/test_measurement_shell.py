@@ -179,3 +179,29 @@ def test_probe_collects_as_many_training_batches_as_probe_size_needs() -> None:
     assert probe.shape == (16, 32)
     first = cb.history[0]
     assert first["grads/rank"] > 1 and math.isfinite(first["grads/mean_cosine"])
+
+
+@pytest.mark.parametrize("error", [AssertionError("shapes"), KeyError("image")])
+def test_a_failing_plasticity_loss_warns_once_and_training_goes_on(error: Exception) -> None:
+    class Faulty(LoggingModule):
+        def plasticity_loss(self, batch):  # noqa: ANN001, ANN201
+            raise error
+
+    callbacks = [KFACCallback(probe_size=8), UnitActivityCallback(probe_size=8)]
+    with pytest.warns(UserWarning, match=f"skipped the measurement \\({type(error).__name__}"):
+        trainer = fast_trainer(callbacks=callbacks, limit_val_batches=0)
+        trainer.fit(Faulty(), datamodule=small_stream(num_tasks=2))
+    assert trainer.global_step == 10 and all(cb.history == [] for cb in callbacks)
+
+
+def test_non_finite_results_are_logged_as_such() -> None:
+    # A model whose gradient is zero: the gradient-Hessian overlap is 0/0.
+    class Flat(LoggingModule):
+        def plasticity_loss(self, batch):  # noqa: ANN001, ANN201
+            return (self.net(batch[0]) * 0.0).sum()
+
+    cb = HessianRankCallback(probe_size=8, method="dense", last_n_layers=1)
+    with pytest.warns(UserWarning, match="non-finite values .*grad_hessian_overlap"):
+        trainer = fast_trainer(callbacks=[cb], limit_val_batches=0)
+        trainer.fit(Flat(), datamodule=small_stream(num_tasks=1))
+    assert math.isnan(cb.history[0]["curvature/grad_hessian_overlap"])

@@ -79,3 +79,43 @@ def test_resume_with_a_different_seed_is_refused() -> None:
     state = ContinualDataModule(seed=1).state_dict()
     with pytest.raises(ValueError, match="seed=1 .* seed=2"):
         ContinualDataModule(seed=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize(("model_cls", "task", "message"), [
+    ("ContinualClassifier", "random_targets", "use ContinualRegressor"),
+    ("ContinualRegressor", "permuted_labels", "use ContinualClassifier"),
+])
+def test_model_that_cannot_learn_the_stream(model_cls: str, task: str, message: str) -> None:
+    import lightning_plasticity.models as models
+    from tests.data.helpers import fast_trainer
+
+    dataset = "regression_teacher" if task == "random_targets" else "digits"
+    dm = ContinualDataModule(dataset, task, num_tasks=1, steps_per_task=2, batch_size=8)
+    with pytest.raises(ValueError, match=message):
+        fast_trainer().fit(getattr(models, model_cls)(), datamodule=dm)
+
+
+@pytest.mark.parametrize(("size", "task_id"), [(-5, None), (0, None), (2.5, None), (4, 99)])
+def test_probe_batch_out_of_range(size: object, task_id: int | None) -> None:
+    dm = ContinualDataModule(num_tasks=3, steps_per_task=2)
+    with pytest.raises(ValueError, match="probe_batch: "):
+        dm.probe_batch(size, task_id=task_id)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("change", [{"steps_per_task": 7}, {"batch_size": 64}])
+def test_resume_with_a_changed_stream_is_refused(change: dict) -> None:
+    saved = ContinualDataModule(num_tasks=3, steps_per_task=5, batch_size=32).state_dict()
+    resumed = ContinualDataModule(**{"num_tasks": 3, "steps_per_task": 5, "batch_size": 32,
+                                     **change})
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"checkpoint's task stream has {key}="):
+        resumed.load_state_dict(saved)
+
+
+def test_max_epochs_that_conflicts_with_num_tasks() -> None:
+    from lightning_plasticity.models import ContinualClassifier
+    from tests.data.helpers import fast_trainer
+
+    dm = ContinualDataModule(num_tasks=3, steps_per_task=2, batch_size=8)
+    with pytest.raises(ValueError, match=r"max_epochs=2\) conflicts with the task stream"):
+        fast_trainer(max_epochs=2).fit(ContinualClassifier(), datamodule=dm)

@@ -57,3 +57,20 @@ def test_loss_only_module_gets_the_same_task_metrics_as_one_returning_logits() -
         for key in ("end_accuracy", "online_accuracy", "steps_to_target", "end_loss"):
             assert key in a, key
             assert a[key] == pytest.approx(b[key], nan_ok=True), key
+
+
+class Diverging(LossOnly):
+    """A learning rate that sends the loss to infinity within a few steps."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e12)
+
+
+def test_divergence_is_reported_once_and_tasks_are_not_trainable() -> None:
+    pl.seed_everything(0)
+    dm = ContinualDataModule("digits", "permuted_labels", num_tasks=3, steps_per_task=6,
+                             batch_size=16)
+    with pytest.warns(UserWarning, match="the run has diverged") as record:
+        fast_trainer(limit_val_batches=0).fit(Diverging(), datamodule=dm)
+    assert sum("diverged" in str(w.message) for w in record) == 1
+    assert [h["trainable"] for h in dm.task_history][-1] == 0.0
