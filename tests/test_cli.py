@@ -82,3 +82,19 @@ def test_the_package_message_comes_first(monkeypatch: pytest.MonkeyPatch,
     err = capsys.readouterr().err
     assert err.startswith("lightning-plasticity: error:") and message in err
     assert "Union subtypes" not in err
+
+
+def test_ckpt_path_last_resumes_a_recipe_run(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # The recipes checkpoint into runs/<name>/checkpoints (every 100 steps, a task of the
+    # quickstart), so `--ckpt_path last` finds the run and continues it with more tasks.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    base = ["fit", "--config", str(REPO / "recipes" / "quickstart.yaml"),
+            "--trainer.logger", "false", "--data.init_args.steps_per_task", "100"]
+    first = run_cli([*base, "--data.init_args.num_tasks", "2"])
+    assert (tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt").is_file()
+    resumed = run_cli([*base, "--data.init_args.num_tasks", "3", "--ckpt_path", "last"])
+    assert first.trainer.global_step == 200 and resumed.trainer.global_step == 300
+    history = resumed.datamodule.task_history
+    assert [int(h["task"]) for h in history] == [0, 1, 2]
