@@ -26,6 +26,7 @@ from lightning_plasticity.data.samplers import (
 )
 from lightning_plasticity.data.seeding import generator
 from lightning_plasticity.data.task_events import TaskEventDispatcher
+from lightning_plasticity.data.task_progress import TaskProgress, end_task_metrics, trainable_flag
 from lightning_plasticity.data.tasks import TASK_KINDS, Split, TaskKind, TaskOptions, make_task_kind
 
 DEFAULT_STEPS_PER_TASK = 500
@@ -214,14 +215,8 @@ class ContinualDataModule(pl.LightningDataModule):
         self._kind: TaskKind | None = None
         self._examples: dict[tuple[int, str], Tensor] = {}
         self.world_size, self.rank, self.accumulate_grad_batches = 1, 0, 1
-        # Progress and metrics: everything here is in state_dict() so resume is exact.
-        self.task_id = 0
-        self.task_history: list[dict[str, float]] = []
-        self._epoch, self._epoch_batches = 0, 0
-        # (loss, accuracy) of every training batch of the current task, kept as device tensors
-        # and reduced once at the task's end, so no step waits on a device sync.
-        self._task_batches: list[tuple[Tensor, Tensor | None]] = []
-        self._resume: tuple[int, int] | None = None
+        #: the stream position and the current task's batches (in state_dict: resume is exact)
+        self.progress = TaskProgress()
 
     # ------------------------------------------------------------------ data and tasks
     @property
@@ -300,10 +295,19 @@ class ContinualDataModule(pl.LightningDataModule):
 
     def task_completed_in_epoch(self, epoch: int) -> bool:
         """Whether ``epoch`` ended its task with all its batches (not cut short by max_steps)."""
-        return ((epoch + 1) % self.epochs_per_task == 0 and self._epoch == epoch
-                and self._epoch_batches == self.batches_in_epoch(epoch))
+        return self.progress.completed(epoch, self.batches_in_epoch(epoch), self.epochs_per_task)
 
-    def _train_epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[int, Tensor]]:
+    @property
+    def task_id(self) -> int:
+        """The current task."""
+        return self.progress.task_id
+
+    @property
+    def task_history(self) -> list[dict[str, float]]:
+        """One record per finished task: ``task``, ``global_step`` and the task metrics."""
+        return self.progress.history
+
+    def train_epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[int, Tensor]]:
         """Global batches of one epoch from batch ``start`` on, as ``(task_id, indices)``."""
         task_id = self.task_of_epoch(epoch)
         idx, gb = self.task_examples(task_id, "train"), self.global_batch_size
@@ -333,7 +337,7 @@ class ContinualDataModule(pl.LightningDataModule):
                 offset, needed = offset + take, needed - take
             yield task_id, pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _eval_batches(self, task_id: int) -> Iterator[Tensor]:
+    def eval_batches(self, task_id: int) -> Iterator[Tensor]:
         idx, gb = self.task_examples(task_id, "val"), self.global_batch_size
         num_batches = math.ceil(idx.shape[0] / gb)
         padded = idx.repeat(math.ceil(num_batches * gb / idx.shape[0]))[: num_batches * gb]
@@ -428,56 +432,19 @@ class ContinualDataModule(pl.LightningDataModule):
             return self.apply_task(x, y, idx, int(task_id), split)
         return batch
 
-    # ------------------------------------------------------------------ task progress
-    def _take_resume_offset(self, epoch: int) -> int:
-        if self._resume is not None and self._resume[0] == epoch:
-            offset = self._resume[1]
-            self._resume = None
-            return offset
-        return 0
-
-    def _start_task(self, task_id: int) -> None:
-        self.task_id = task_id
-        self._task_batches.clear()
-
-    def _record_batch(self, epoch: int, batch_idx: int, loss: Tensor,
-                      accuracy: Tensor | None) -> None:
-        self._epoch, self._epoch_batches = epoch, batch_idx + 1
-        self._task_batches.append((loss.detach(), None if accuracy is None else accuracy.detach()))
-
-    def _end_task_metrics(self, reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
-        """Task-level metrics; ``reduce`` averages the per-batch values over ranks first."""
-        if not self._task_batches:
-            return {}
-        # Entries restored from a checkpoint live on the CPU; gather on the newest one's device.
-        device = self._task_batches[-1][0].device
-        losses = reduce(torch.stack([b[0].to(device).float() for b in self._task_batches]))
-        metrics = {"end_loss": losses[-self.end_window:].mean()}
-        accs = [b[1].to(device).float() for b in self._task_batches if b[1] is not None]
-        if len(accs) == len(self._task_batches):
-            acc = reduce(torch.stack(accs))
-            metrics["end_accuracy"] = acc[-self.end_window:].mean()
-            metrics["online_accuracy"] = acc.mean()
-            # Mean over each trailing window of end_window batches (shorter at the start).
-            window = torch.ones(self.end_window, device=device, dtype=acc.dtype)
-            sums = torch.nn.functional.conv1d(
-                torch.nn.functional.pad(acc, (self.end_window - 1, 0))[None, None],
-                window[None, None])[0, 0]
-            counts = torch.arange(1, acc.shape[0] + 1, device=device).clamp_max(self.end_window)
-            reached = torch.nonzero(sums / counts >= self.target_accuracy)
-            batches = float(reached[0, 0] + 1) if reached.numel() else float("nan")
-            metrics["steps_to_target"] = torch.tensor(batches / self.accumulate_grad_batches)
-        return {name: float(value) for name, value in metrics.items()}
-
-    def _trainable_flag(self, record: dict[str, float]) -> float:
-        """Lewandowski et al.'s tau-trainability flag against the best earlier task end."""
-        key, sign = (("end_accuracy", 1.0) if "end_accuracy" in record else ("end_loss", -1.0))
-        if key not in record:
-            return float("nan")
-        if not math.isfinite(record.get("end_loss", 0.0)):
-            return 0.0  # diverged: no task is learnable any more
-        seen = [sign * h[key] for h in self.task_history if key in h] + [sign * record[key]]
-        return float(sign * record[key] >= max(seen) - self.trainability_tolerance)
+    # ------------------------------------------------------------------ task metrics
+    def end_task_record(self, global_step: int,
+                        reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
+        """The finished task's record: its metrics (averaged over ranks by ``reduce``) and the
+        trainability flag against the earlier tasks."""
+        record: dict[str, float] = {"task": float(self.task_id), "global_step": float(global_step),
+                                    **end_task_metrics(
+                                        self.progress.batches, reduce, end_window=self.end_window,
+                                        target_accuracy=self.target_accuracy,
+                                        accumulate_grad_batches=self.accumulate_grad_batches)}
+        record["trainable"] = trainable_flag(record, self.task_history,
+                                             self.trainability_tolerance)
+        return record
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -485,10 +452,7 @@ class ContinualDataModule(pl.LightningDataModule):
             "dataset": self.dataset_name, "task": self.task_name, "seed": self.seed,
             "steps_per_task": self.steps_per_task, "epochs_per_task": self.epochs_per_task,
             "batch_size": self.batch_size, "num_tasks": self.num_tasks,
-            "task_id": self.task_id, "epoch": self._epoch, "epoch_batches": self._epoch_batches,
-            "task_batches": [(float(loss), None if acc is None else float(acc))
-                             for loss, acc in self._task_batches],
-            "task_history": [dict(h) for h in self.task_history],
+            **self.progress.state_dict(),
         }
 
     @override
@@ -503,9 +467,4 @@ class ContinualDataModule(pl.LightningDataModule):
                     f"The checkpoint's task stream has {key}={state_dict[key]!r} but this data "
                     f"module has {key}={mine!r}; resume with the same {key} or start a new run."
                 )
-        self.task_id = int(state_dict["task_id"])
-        self._epoch, self._epoch_batches = state_dict["epoch"], state_dict["epoch_batches"]
-        self._resume = (self._epoch, self._epoch_batches)
-        self._task_batches = [(torch.tensor(loss), None if acc is None else torch.tensor(acc))
-                              for loss, acc in state_dict["task_batches"]]
-        self.task_history = [dict(h) for h in state_dict["task_history"]]
+        self.progress.load_state_dict(state_dict)

@@ -56,8 +56,8 @@ class TrainStreamSampler(_StreamSampler):
         return self.dm.train_batches_per_epoch
 
     def __iter__(self) -> Iterator[BatchKey]:
-        start = self.dm._take_resume_offset(self.epoch)
-        for task_id, global_idx in self.dm._train_epoch_batches(self.epoch, start):
+        start = self.dm.progress.take_resume_offset(self.epoch)
+        for task_id, global_idx in self.dm.train_epoch_batches(self.epoch, start):
             yield task_id, self._shard(global_idx), "train"
 
 
@@ -79,5 +79,5 @@ class EvalStreamSampler(_StreamSampler):
         task_id = self.dm.task_id - self.lag
         if task_id < 0:
             return
-        for global_idx in self.dm._eval_batches(task_id):
+        for global_idx in self.dm.eval_batches(task_id):
             yield task_id, self._shard(global_idx), "val"

@@ -28,16 +28,17 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
 
 from lightning_plasticity.core.record import first_tensor
+from lightning_plasticity.data.task_progress import TaskProgress
 
 if TYPE_CHECKING:
     from lightning_plasticity.data.datamodule import ContinualDataModule
 
 
 def _datamodule(trainer: pl.Trainer) -> ContinualDataModule | None:
-    from lightning_plasticity.data.datamodule import ContinualDataModule
-
+    # Duck-typed (a task stream owns a TaskProgress): no run-time import of the data module,
+    # which imports this file.
     dm = trainer.datamodule
-    return dm if isinstance(dm, ContinualDataModule) else None
+    return dm if isinstance(getattr(dm, "progress", None), TaskProgress) else None
 
 
 def dispatch_task_event(trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
@@ -113,10 +114,11 @@ class TaskEventDispatcher(Callback):
         """
         dm = _datamodule(trainer)
         epoch = trainer.current_epoch
-        if dm is None or dm._epoch != epoch - 1 or not dm.task_completed_in_epoch(dm._epoch) or \
-                any(int(h["task"]) == dm.task_id for h in dm.task_history):
+        progress = dm.progress if dm is not None else None
+        if progress is None or progress.epoch != epoch - 1 or \
+                not dm.task_completed_in_epoch(progress.epoch) or progress.has_ended(dm.task_id):
             return
-        dm._resume = None
+        progress.forget_resume()
         self._end_task(trainer, pl_module, dm)
         if epoch % dm.epochs_per_task == 0 and dm.task_of_epoch(epoch) < dm.num_tasks:
             self._start_task(trainer, pl_module, dm, epoch)
@@ -174,7 +176,7 @@ class TaskEventDispatcher(Callback):
     def _start_task(trainer: pl.Trainer, pl_module: pl.LightningModule,
                     dm: ContinualDataModule, epoch: int) -> None:
         task_id = dm.task_of_epoch(epoch)
-        dm._start_task(task_id)
+        dm.progress.start_task(task_id)
         dispatch_task_event(trainer, pl_module, "on_task_start", task_id)
 
     @override
@@ -191,7 +193,7 @@ class TaskEventDispatcher(Callback):
         if logits is not None and not dm.is_regression:
             accuracy = _accuracy(logits, target)
         if loss is not None:
-            dm._record_batch(trainer.current_epoch, batch_idx, loss, accuracy)
+            dm.progress.record_batch(trainer.current_epoch, batch_idx, loss, accuracy)
             if not self._diverged and not bool(torch.isfinite(loss).all()):
                 self._diverged = True
                 rank_zero_warn(
@@ -224,15 +226,12 @@ class TaskEventDispatcher(Callback):
         task_id = dm.task_id
         # Every rank reaches this point at the same epoch with the same number of batches, so
         # the collectives are safe and every rank computes the same metrics.
-        metrics = dm._end_task_metrics(
-            lambda t: trainer.strategy.reduce(t.clone(), reduce_op="mean"))
-        record: dict[str, float] = {"task": float(task_id),
-                                    "global_step": float(trainer.global_step), **metrics}
-        record["trainable"] = dm._trainable_flag(record)
+        record = dm.end_task_record(
+            trainer.global_step, lambda t: trainer.strategy.reduce(t.clone(), reduce_op="mean"))
         for name, value in record.items():
             if name not in ("task", "global_step"):
                 pl_module.log(f"task/{name}", value, on_step=False, on_epoch=True)
-        dm.task_history.append(record)
+        dm.progress.end_task(record)
         dispatch_task_event(trainer, pl_module, "on_task_end", task_id)
 
     @override
