@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -433,13 +433,13 @@ class ContinualDataModule(pl.LightningDataModule):
         return batch
 
     # ------------------------------------------------------------------ task metrics
-    def end_task_record(self, global_step: int,
-                        reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
-        """The finished task's record: its metrics (averaged over ranks by ``reduce``) and the
-        trainability flag against the earlier tasks."""
+    def end_task_record(self, global_step: int) -> dict[str, float]:
+        """The finished task's record: its metrics (over ranks: every rank must call this at the
+        same point) and the trainability flag against the earlier tasks."""
+        losses, accuracies = self.progress.batches.compute()
         record: dict[str, float] = {"task": float(self.task_id), "global_step": float(global_step),
                                     **end_task_metrics(
-                                        self.progress.batches, reduce, end_window=self.end_window,
+                                        losses, accuracies, end_window=self.end_window,
                                         target_accuracy=self.target_accuracy,
                                         accumulate_grad_batches=self.accumulate_grad_batches)}
         record["trainable"] = trainable_flag(record, self.task_history,

@@ -226,8 +226,7 @@ class TaskEventDispatcher(Callback):
         task_id = dm.task_id
         # Every rank reaches this point at the same epoch with the same number of batches, so
         # the collectives are safe and every rank computes the same metrics.
-        record = dm.end_task_record(
-            trainer.global_step, lambda t: trainer.strategy.reduce(t.clone(), reduce_op="mean"))
+        record = dm.end_task_record(trainer.global_step)
         for name, value in record.items():
             if name not in ("task", "global_step"):
                 pl_module.log(f"task/{name}", value, on_step=False, on_epoch=True)
