@@ -8,17 +8,65 @@ here so YAML can name them by their short class names (``ContinualClassifier``, 
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-import lightning_plasticity.callbacks  # noqa: F401 - registers short names for YAML
-import lightning_plasticity.data  # noqa: F401
-import lightning_plasticity.models  # noqa: F401
-import lightning_plasticity.regularizers  # noqa: F401
+import lightning_plasticity.callbacks  # registers short names for YAML
+import lightning_plasticity.data
+import lightning_plasticity.models
+import lightning_plasticity.regularizers
+
+_IMPORT_PATH_ERRORS = (
+    re.compile(r"Expected a dot import path string: (\S+)"),
+    re.compile(r"Import path (\S+) does not correspond"),
+)
+
+
+def known_class_names() -> list[str]:
+    """Short class names a recipe may use: the package's and Lightning's callbacks/loggers."""
+    import lightning.pytorch.callbacks as pl_callbacks
+    import lightning.pytorch.loggers as pl_loggers
+
+    modules = [lightning_plasticity.callbacks, lightning_plasticity.data,
+               lightning_plasticity.models, lightning_plasticity.regularizers, pl_callbacks,
+               pl_loggers]
+    return sorted({name for m in modules for name in getattr(m, "__all__", [])})
+
+
+def class_name_hint(message: str) -> str | None:
+    """A "did you mean ...?" for an unknown class name in a parser error, or None.
+
+    Example::
+
+        >>> class_name_hint("Expected a dot import path string: ContinualClasifier")
+        "unknown class 'ContinualClasifier'; did you mean 'ContinualClassifier'?"
+    """
+    for pattern in _IMPORT_PATH_ERRORS:
+        found = pattern.search(message)
+        if found:
+            name = found.group(1).rstrip(".,:")
+            close = difflib.get_close_matches(name.rsplit(".", 1)[-1], known_class_names(), n=1)
+            if close:
+                return (f"unknown class {name!r}; did you mean "
+                        f"{' or '.join(repr(c) for c in close)}?")
+            return f"unknown class {name!r}"
+    return None
+
+
+class PlasticityArgumentParser(LightningArgumentParser):
+    """Puts the package's own message first: an unknown class name gets a "did you mean"."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        hint = class_name_hint(message)
+        if hint is not None:
+            message = f"{hint}\n{message}"
+        super().error(message, ex)
 
 
 class PlasticityCLI(LightningCLI):
@@ -38,6 +86,7 @@ def run_cli(args: list[str] | None = None) -> PlasticityCLI:
     return PlasticityCLI(
         pl.LightningModule,
         pl.LightningDataModule,
+        parser_class=PlasticityArgumentParser,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
@@ -49,7 +98,7 @@ _UNION_ERROR = "Does not validate against any of the Union subtypes"
 
 
 def package_message(error: BaseException) -> str | None:
-    """The package's own message inside jsonargparse's union error, or None.
+    r"""The package's own message inside jsonargparse's union error, or None.
 
     jsonargparse reports a class that rejects its arguments as a failed union match, listing
     the real error (ours: "num_tasks must be >= 1, got 0.") between its own lines.

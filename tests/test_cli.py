@@ -98,3 +98,16 @@ def test_ckpt_path_last_resumes_a_recipe_run(tmp_path: Path,
     assert first.trainer.global_step == 200 and resumed.trainer.global_step == 300
     history = resumed.datamodule.task_history
     assert [int(h["task"]) for h in history] == [0, 1, 2]
+
+
+def test_a_class_name_typo_in_a_recipe_suggests_the_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = (REPO / "recipes" / "quickstart.yaml").read_text()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(recipe.replace("class_path: ContinualClassifier",
+                                   "class_path: ContinualClasifier"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(typo)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown class 'ContinualClasifier'; did you mean 'ContinualClassifier'?" in err
