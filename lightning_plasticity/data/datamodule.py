@@ -443,8 +443,19 @@ class ContinualDataModule(pl.LightningDataModule):
                                         target_accuracy=self.target_accuracy,
                                         accumulate_grad_batches=self.accumulate_grad_batches)}
         record["trainable"] = trainable_flag(record, self.task_history,
-                                             self.trainability_tolerance)
+                                             self.trainability_tolerance,
+                                             chance=self.chance_accuracy())
         return record
+
+    def chance_accuracy(self, task_id: int | None = None) -> float | None:
+        """The accuracy of always predicting the task's most frequent label (its chance level),
+        estimated on a probe batch of up to 1024 training examples; None for regression."""
+        if self.is_regression:
+            return None
+        _, y = self.probe_batch(1024, task_id=task_id)
+        if y.is_floating_point() or y.numel() == 0:
+            return None
+        return float(torch.bincount(y.reshape(-1).long()).max()) / y.numel()
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -196,15 +196,19 @@ def end_task_metrics(losses: Tensor, accuracies: Tensor | None, *, end_window: i
 
 
 def trainable_flag(record: dict[str, float], history: list[dict[str, float]],
-                   tolerance: float) -> float:
+                   tolerance: float, chance: float | None = None) -> float:
     """Lewandowski et al.'s tau-trainability flag against the best earlier task end.
 
     1 when the task-end accuracy is within ``tolerance`` of the best so far (for regression: the
-    task-end loss), 0 otherwise, and 0 once the run has diverged (non-finite loss).
+    task-end loss), 0 otherwise; 0 once the run has diverged (non-finite loss) and 0 when the
+    accuracy is within ``tolerance`` of ``chance`` (the majority-class accuracy of the task), so
+    that a run that never learns does not read trainable against its own best.
 
     Example::
 
         >>> trainable_flag({"end_accuracy": 0.9, "end_loss": 0.3}, [{"end_accuracy": 0.97}], 0.05)
+        0.0
+        >>> trainable_flag({"end_accuracy": 0.12, "end_loss": 2.3}, [], 0.05, chance=0.1)
         0.0
     """
     key, sign = (("end_accuracy", 1.0) if "end_accuracy" in record else ("end_loss", -1.0))
@@ -212,5 +216,7 @@ def trainable_flag(record: dict[str, float], history: list[dict[str, float]],
         return float("nan")
     if not math.isfinite(record.get("end_loss", 0.0)):
         return 0.0  # diverged: no task is learnable any more
+    if key == "end_accuracy" and chance is not None and record[key] <= chance + tolerance:
+        return 0.0
     seen = [sign * h[key] for h in history if key in h] + [sign * record[key]]
     return float(sign * record[key] >= max(seen) - tolerance)

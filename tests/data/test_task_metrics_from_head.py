@@ -74,3 +74,19 @@ def test_divergence_is_reported_once_and_tasks_are_not_trainable() -> None:
         fast_trainer(limit_val_batches=0).fit(Diverging(), datamodule=dm)
     assert sum("diverged" in str(w.message) for w in record) == 1
     assert [h["trainable"] for h in dm.task_history][-1] == 0.0
+
+
+class Frozen(LossOnly):
+    """Never learns (learning rate 0): every task ends at chance."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_run_at_chance_is_not_trainable() -> None:
+    pl.seed_everything(0)
+    dm = ContinualDataModule("digits", "permuted_labels", num_tasks=3, steps_per_task=6,
+                             batch_size=16)
+    fast_trainer(limit_val_batches=0).fit(Frozen(), datamodule=dm)
+    assert 0.05 < dm.chance_accuracy() < 0.15  # ten balanced classes
+    assert [h["trainable"] for h in dm.task_history] == [0.0, 0.0, 0.0]
