@@ -99,7 +99,7 @@ class GradientInterferenceCallback(MeasurementCallback):
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> GradientInterference:
-        params = [p for _, p in select_parameters(pl_module)]
+        params = select_parameters(pl_module)
         if self.example_loss_fn is None:
             def loss_of(sub: Any) -> Tensor:
                 return module_loss(pl_module, sub, self.loss_fn)
@@ -108,5 +108,5 @@ class GradientInterferenceCallback(MeasurementCallback):
 
             def loss_of(sub: Any) -> Tensor:
                 return self.example_loss_fn(head(sub), sub[1]).sum()
-        gram, num_params, dtype = per_example_gradient_gram(loss_of, batch, params)
+        gram, num_params, dtype = per_example_gradient_gram(loss_of, batch, params, pl_module)
         return gradient_interference_from_gram(gram, dtype=dtype, num_params=num_params)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils import _pytree as pytree
 
 from lightning_plasticity.core.batch import batch_size, slice_batch
 from lightning_plasticity.core.isolation import forked_rng, preserved_buffers
@@ -252,10 +253,42 @@ def gradient_interference_from_gram(
     )
 
 
+def _vmapped_example_gradients(loss_of_batch: Callable[[Any], Tensor], batch: Any,
+                               module: nn.Module, named: Sequence[tuple[str, Tensor]],
+                               n: int) -> Tensor:
+    """``(n, P)`` per-example gradients in one vectorised call (``torch.func.vmap``).
+
+    Each example is the sub-batch of one (its per-example tensors with a leading dimension of
+    1), and the module's parameters are swapped for ``vmap``'s by name for the duration of the
+    loss, so any loss of a batch works as long as it is ``vmap``-able (no ``.item()``, no
+    data-dependent Python control flow): otherwise this raises and the caller loops.
+    """
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    leaves, spec = pytree.tree_flatten(batch)
+    batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in leaves]
+    in_dims = pytree.tree_unflatten([0 if b else None for b in batched], spec)
+
+    def example_loss(params: dict[str, Tensor], example: Any) -> Tensor:
+        flat, _ = pytree.tree_flatten(example)
+        sub = pytree.tree_unflatten(
+            [t.unsqueeze(0) if b else t for t, b in zip(flat, batched, strict=True)], spec)
+        with _reparametrize_module(module, params):
+            return loss_of_batch(sub).reshape(())
+
+    primals = {name: p.detach() for name, p in named}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        grads = vmap(grad(example_loss), in_dims=(None, in_dims), randomness="different")(
+            primals, batch)
+    return torch.cat([grads[name].reshape(n, -1) for name, _ in named], dim=1).detach()
+
+
 def per_example_gradient_gram(
     loss_of_batch: Callable[[Any], Tensor],
     batch: Any,
-    params: Sequence[Tensor],
+    params: Sequence[Tensor] | Sequence[tuple[str, Tensor]],
+    module: nn.Module | None = None,
 ) -> tuple[Tensor, int, torch.dtype]:
     """Gram matrix ``[g_i . g_j]`` of per-example gradients of any loss of a batch.
 
@@ -264,6 +297,9 @@ def per_example_gradient_gram(
     own loss gives per-example gradients without a ``forward`` or a guessed loss: for a loss
     that averages over the batch, the loss of a batch of one is that example's loss. ``n``
     backward passes; the ``n x P`` gradients are held at once (float32 or the parameters' dtype).
+    With ``module`` and named ``params`` (``(name, parameter)`` pairs of ``module``) the ``n``
+    gradients come from one vectorised ``torch.func`` call when the loss allows it (several times
+    faster), else from the loop; both give the same gradients.
 
     Returns:
         ``(gram (n, n) float64, number of parameters, gradient dtype)``.
@@ -288,6 +324,16 @@ def per_example_gradient_gram(
     params = list(params)
     if not params:
         raise ValueError("no parameters to differentiate (all frozen?).")
+    named = [p for p in params if isinstance(p, tuple)]
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    if module is not None and len(named) == len(params):
+        try:
+            G = _vmapped_example_gradients(loss_of_batch, batch, module, named, n)
+        except Exception:  # not vmap-able (e.g. .item() in the loss): loop over examples
+            G = None
+        if G is not None:
+            return _gram(G), G.shape[1], G.dtype
+    params = tensors
     rows = []
     for i in range(n):
         loss = loss_of_batch(slice_batch(batch, i, i + 1))
@@ -296,9 +342,14 @@ def per_example_gradient_gram(
             (torch.zeros_like(p) if g is None else g.detach()).reshape(-1)
             for p, g in zip(params, grads, strict=True)]))
     G = torch.stack(rows)
-    gram = (G.to(torch.float64) @ G.to(torch.float64).T) if G.shape[1] < 1 << 22 else \
-        (G @ G.T).to(torch.float64)
-    return gram, G.shape[1], G.dtype
+    return _gram(G), G.shape[1], G.dtype
+
+
+def _gram(G: Tensor) -> Tensor:
+    if G.shape[1] >= 1 << 22:  # very large models: a float64 copy of G would not fit
+        return (G @ G.T).to(torch.float64)
+    G64 = G.to(torch.float64)  # converted once: the conversion costs as much as the product
+    return G64 @ G64.T
 
 
 def gradient_interference(

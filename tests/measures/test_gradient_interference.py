@@ -6,6 +6,7 @@ from torch import nn
 from lightning_plasticity.measures.gradient_interference import (
     gradient_interference,
     gradient_interference_from_gram,
+    per_example_gradient_gram,
     per_example_gradients,
 )
 from lightning_plasticity.measures.parameter_selection import select_parameters
@@ -90,3 +91,26 @@ def test_gram_helper_and_model_untouched() -> None:
     bn = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).to(DT).train()
     with pytest.raises(ValueError, match="eval mode"):
         gradient_interference(bn, F.cross_entropy, x, y)
+
+
+def test_example_gram_vectorised_equals_the_loop_for_any_loss_of_a_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().eval()
+    batch = {"x": torch.randn(6, 5, dtype=torch.float64), "y": torch.randint(0, 3, (6,)),
+             "name": "meta"}
+
+    def loss(b):  # noqa: ANN001, ANN202
+        return F.cross_entropy(model(b["x"]), b["y"])
+
+    def loss_with_item(b):  # noqa: ANN001, ANN202 - .item() is not vmap-able: the loop runs
+        value = loss(b)
+        assert value.item() >= 0
+        return value
+
+    named = list(model.named_parameters())
+    looped, n_params, _ = per_example_gradient_gram(loss, batch, [p for _, p in named])
+    vectorised, n_params2, _ = per_example_gradient_gram(loss, batch, named, model)
+    fallback, _, _ = per_example_gradient_gram(loss_with_item, batch, named, model)
+    assert n_params == n_params2 == sum(p.numel() for _, p in named)
+    torch.testing.assert_close(vectorised, looped, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fallback, looped, rtol=0, atol=0)
