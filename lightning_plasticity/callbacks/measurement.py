@@ -219,7 +219,10 @@ class MeasurementCallback(Callback):
         except MeasurementSkipped as err:
             error = str(err)
         except Exception as err:
-            error = f"{type(err).__name__}: {err}"
+            # Raised by the module's own loss on the probe batch (or the probe itself).
+            error = (f"{type(err).__name__}: {err}; if the module's loss cannot run on a probe "
+                     "batch outside training, define plasticity_loss(batch) on it or pass "
+                     "loss_fn=callable(pl_module, batch)")
         # Agree before any collective so that no rank waits on one that skipped.
         if not self._all_ranks_ok(trainer, error is None):
             reason = error or "another rank could not measure"
