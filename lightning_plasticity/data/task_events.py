@@ -84,11 +84,25 @@ class TaskEventDispatcher(Callback):
 
     Example::
 
-        class ResetHead(Callback):
-            def on_task_start(self, trainer, pl_module, task_id):
-                pl_module.network.head.reset_parameters()
-
-        Trainer(callbacks=[ResetHead()]).fit(model, datamodule=ContinualDataModule())
+        >>> import tempfile
+        >>> from lightning.pytorch import Callback, Trainer
+        >>> from lightning_plasticity.data import ContinualDataModule
+        >>> from lightning_plasticity.models import ContinualClassifier
+        >>> class ResetHead(Callback):
+        ...     def __init__(self):
+        ...         self.tasks = []
+        ...     def on_task_start(self, trainer, pl_module, task_id):
+        ...         pl_module.network.head.reset_parameters()
+        ...         self.tasks.append(task_id)
+        >>> cb = ResetHead()
+        >>> dm = ContinualDataModule("digits", num_tasks=2, steps_per_task=2, batch_size=16,
+        ...                          val_size=32)
+        >>> trainer = Trainer(callbacks=[cb], max_steps=4, accelerator="cpu", logger=False,
+        ...                   enable_checkpointing=False, enable_progress_bar=False,
+        ...                   enable_model_summary=False, default_root_dir=tempfile.mkdtemp())
+        >>> trainer.fit(ContinualClassifier(), datamodule=dm)
+        >>> cb.tasks, [int(h["task"]) for h in dm.task_history]
+        ([0, 1], [0, 1])
     """
 
     def __init__(self) -> None:
