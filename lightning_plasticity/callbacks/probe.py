@@ -194,9 +194,6 @@ class ProbeSource:
         self.batch, self._seen = batch, []
         return batch
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
 
 def select_probe_batch(trainer: pl.Trainer, pl_module: pl.LightningModule, size: int,
                        source: ProbeSource | None = None, sharded: bool = True,
