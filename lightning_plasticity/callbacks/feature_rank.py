@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn, record_loss_pass
-from lightning_plasticity.core.layers import match_modules, parameterised_layers
+from lightning_plasticity.core.layers import get_module, match_modules
 from lightning_plasticity.core.reduction import reduce_stats
 from lightning_plasticity.measures.feature_rank import (
     FeatureRank,
@@ -109,10 +109,9 @@ class FeatureRankCallback(MeasurementCallback):
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> FeatureRank:
         name = self._target(pl_module, batch)
-        layers = parameterised_layers(pl_module)
-        module = layers.get(name) or dict(pl_module.named_modules())[name]
         with torch.no_grad():
-            record = record_loss_pass(pl_module, batch, self.loss_fn, {name: module})
+            record = record_loss_pass(pl_module, batch, self.loss_fn,
+                                      {name: get_module(pl_module, name)})
         calls = [c for c in record.calls if c.input is not None]
         if not calls:
             raise MeasurementSkipped(f"the feature layer {name!r} was not called by the loss")

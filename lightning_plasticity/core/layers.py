@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["ROOT_NAME", "describe_names", "match_modules", "parameterised_layers"]
+__all__ = ["ROOT_NAME", "describe_names", "get_module", "match_modules", "parameterised_layers"]
 
 #: the name of the model itself when it is a layer (``named_modules()`` calls it ``""``)
 ROOT_NAME = "(root)"
@@ -20,6 +20,11 @@ def describe_names(names: Sequence[str]) -> str:
     if len(names) > _MAX_NAMES_IN_ERROR:
         shown.append(f"... ({len(names) - _MAX_NAMES_IN_ERROR} more)")
     return ", ".join(shown)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule ``name`` of ``model``, or ``model`` itself for :data:`ROOT_NAME`."""
+    return model if name == ROOT_NAME else model.get_submodule(name)
 
 
 def parameterised_layers(model: nn.Module, *, trainable: bool = False) -> dict[str, nn.Module]:

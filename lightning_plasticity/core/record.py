@@ -21,7 +21,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_plasticity.core.batch import batch_size
-from lightning_plasticity.core.layers import ROOT_NAME
+from lightning_plasticity.core.layers import get_module
 
 __all__ = [
     "ForwardRecord",
@@ -181,10 +181,6 @@ def record_forward(run: Callable[[], Any], modules: Mapping[str, nn.Module], *,
     return record
 
 
-def _get(module: nn.Module, name: str) -> nn.Module:
-    return module if name == ROOT_NAME else module.get_submodule(name)
-
-
 class HeadOutput(nn.Module):
     """A module whose output is the head layer's output while ``module``'s own loss runs.
 
@@ -219,7 +215,7 @@ class HeadOutput(nn.Module):
 
     def forward_with_loss(self, batch: Any) -> tuple[Tensor, Tensor]:
         captured: list[Tensor] = []
-        target = _get(self.module, self.head)
+        target = get_module(self.module, self.head)
         with hooked({self.head: target}, lambda call: captured.append(call.output)):
             loss = self.loss_fn(self.module, batch)
         if not captured:

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from lightning_plasticity.core.batch import usable
 from lightning_plasticity.core.isolation import side_effect_free
-from lightning_plasticity.core.layers import ROOT_NAME
+from lightning_plasticity.core.layers import ROOT_NAME, get_module
 from lightning_plasticity.core.record import decoupled, hooked
 from lightning_plasticity.measures.linear_layers import (
     input_patches,
@@ -195,10 +195,6 @@ def _find_layers(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
         else:
             skipped.append(f"{label} ({type(module).__name__})")
     return layers, skipped
-
-
-def _get_module(model: nn.Module, label: str) -> nn.Module:
-    return model if label == _ROOT_NAME else model.get_submodule(label)
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +454,7 @@ def _kfac_backpack(
     with torch.inference_mode(False):  # copies made in inference mode would be unusable
         model_copy = copy.deepcopy(model)
         loss_copy = copy.deepcopy(loss_module)
-    copy_layers = {name: _get_module(model_copy, name) for name in layers}
+    copy_layers = {name: get_module(model_copy, name) for name in layers}
     moments = _InputMoments()
     extension = KFLR() if mode == "exact" else KFAC(mc_samples=mc_samples)
     extension.set_module_extension(nn.Conv2d, _ExpandConv2d(), overwrite=True)
