@@ -10,7 +10,6 @@ from torch import Tensor
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback
 from lightning_plasticity.callbacks.probe import ModuleLossFn
-from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.measures.entk import EmpiricalNTK, entk
 
 
@@ -88,5 +87,5 @@ class ENTKCallback(MeasurementCallback):
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> EmpiricalNTK:
-        model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
+        model = self.head_output(pl_module, batch)
         return entk(model, batch, method=self.method)

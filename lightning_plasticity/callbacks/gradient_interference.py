@@ -10,7 +10,6 @@ from torch import Tensor
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn, module_loss
-from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.measures.gradient_interference import (
     GradientInterference,
     gradient_interference_from_gram,
@@ -104,7 +103,7 @@ class GradientInterferenceCallback(MeasurementCallback):
             def loss_of(sub: Any) -> Tensor:
                 return module_loss(pl_module, sub, self.loss_fn)
         else:
-            head = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
+            head = self.head_output(pl_module, batch)
 
             def loss_of(sub: Any) -> Tensor:
                 return self.example_loss_fn(head(sub), sub[1]).sum()

@@ -172,12 +172,12 @@ class HessianRankCallback(MeasurementCallback):
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> list[Any]:
         params = self._params(pl_module)
-        result = hessian_eps_rank(pl_module, self.loss_closure(pl_module), batch, eps=self.eps,
+        result = hessian_eps_rank(pl_module, self.module_loss_fn(), batch, eps=self.eps,
                                   relative=self.relative, method=self.method, params=params,
                                   reduce=reduce, max_dense_params=self.max_dense_params)
         top = result.eigenvalues.sort(descending=True).values[: self.top_k]
         out: list[Any] = [result, {"spectrum:hessian_top_eigenvalues": top}]
         if self.overlap:
-            out.append(gradient_hessian_overlap(pl_module, self.loss_closure(pl_module), batch,
+            out.append(gradient_hessian_overlap(pl_module, self.module_loss_fn(), batch,
                                                 params=params, reduce=reduce))
         return out

@@ -11,7 +11,6 @@ from torch import Tensor, nn
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn
 from lightning_plasticity.core.batch import tensor_leaves
-from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.measures.kfac import KFACEpsRank, kfac_eps_rank, kfac_factors
 
 _PREFIX = "module."
@@ -103,7 +102,7 @@ class KFACCallback(MeasurementCallback):
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> KFACEpsRank:
-        model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
+        model = self.head_output(pl_module, batch)
         if self.loss_kind == "module":
             loss_module = None
         else:

@@ -36,6 +36,7 @@ from lightning_plasticity.callbacks.probe import (
     record_loss_pass,
     select_probe_batch,
 )
+from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.core.reduction import Reducer
 from lightning_plasticity.core.schedule import StepSchedule, TaskSchedule
 
@@ -141,13 +142,14 @@ class MeasurementCallback(Callback):
     def loss(self, pl_module: pl.LightningModule, batch: Any) -> Tensor:
         return module_loss(pl_module, batch, self.loss_fn)
 
-    def loss_closure(self, pl_module: pl.LightningModule) -> Callable[[Any, Any], Tensor]:
-        """``loss_fn(model, batch)`` in the form the measures expect."""
-        return lambda model, batch: module_loss(pl_module, batch, self.loss_fn)
-
     def module_loss_fn(self) -> Callable[[Any, Any], Tensor]:
-        """``(module, batch) -> loss``: the module's own loss, also on a copy of the module."""
+        """``(module, batch) -> loss``: the module's own loss, in the form the measures take
+        (``loss_fn(model, batch)``), also on a copy of the module."""
         return loss_closure(self.loss_fn)
+
+    def head_output(self, pl_module: pl.LightningModule, batch: Any) -> HeadOutput:
+        """``pl_module`` as a model whose output is its head's, for measures of ``model(batch)``."""
+        return HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
 
     def head_name(self, pl_module: pl.LightningModule, batch: Any) -> str:
         """The layer whose output the loss reads: found once by one recorded loss pass."""

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from lightning_plasticity.callbacks.measurement import MeasurementCallback
 from lightning_plasticity.callbacks.probe import ModuleLossFn
 from lightning_plasticity.core.initialization import fresh_initialization
-from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.measures.plasticity_probe import PlasticityProbe, plasticity_probe
 
 
@@ -123,7 +122,7 @@ class PlasticityProbeCallback(MeasurementCallback):
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> PlasticityProbe:
-        model = HeadOutput(pl_module, self.module_loss_fn(), self.head_name(pl_module, batch))
+        model = self.head_output(pl_module, batch)
         with _without_trainer(pl_module):
             fresh = fresh_initialization(model, self.seed) if self.compare_fresh else None
             return plasticity_probe(model, batch, steps=self.steps, lr=self.lr,
