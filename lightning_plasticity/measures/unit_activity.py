@@ -80,7 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_plasticity.core.batch import tensor_leaves
-from lightning_plasticity.core.isolation import forked_rng, module_device
+from lightning_plasticity.core.isolation import forked_rng, module_device, preserved_buffers
 from lightning_plasticity.core.record import LayerCall, hooked
 from lightning_plasticity.core.reduction import reduce_stats, stat
 from lightning_plasticity.models.activations import CReLU
@@ -238,18 +238,10 @@ def _record_pass(
 
 
 @contextmanager
-def _isolated_forward(model: nn.Module, inputs: Any) -> Iterator[None]:
+def _isolated_forward(model: nn.Module) -> Iterator[None]:
     """``model(inputs)`` without side effects on the global RNG or the buffers, no graph."""
-    with forked_rng(device=module_device(model)):
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            with torch.no_grad():
-                for b, old in buffers:
-                    if b.shape == old.shape and not torch.equal(b, old):
-                        b.data.copy_(old)
+    with forked_rng(device=module_device(model)), preserved_buffers(model), torch.no_grad():
+        yield
 
 
 def collect_activations(
@@ -292,7 +284,7 @@ def collect_activations(
         # A copy: a later in-place activation would overwrite a Linear's output tensor.
         out[key] = h.detach().clone()
 
-    with _isolated_forward(model, inputs):
+    with _isolated_forward(model):
         _record_pass(model, lambda: model(inputs), layers, inputs, record)
     return out
 
@@ -453,7 +445,7 @@ def unit_activity_stats(
         (8, torch.Size([8]))
     """
     _check_saturation(saturation_threshold)
-    with _isolated_forward(model, inputs):
+    with _isolated_forward(model):
         return unit_activity_stats_of_pass(model, lambda: model(inputs), inputs, layers,
                                            saturation_threshold=saturation_threshold)
 
