@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils import _pytree as pytree
 
 from lightning_plasticity.core.batch import batch_size, slice_batch
@@ -170,22 +170,9 @@ def per_example_gradients(
             "target per input."
         )
     selected = model_parameters(model, params)
-    chosen = {n: p.detach() for n, p in selected}
-    fixed = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-
-    def example_loss(theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(model, (theta, fixed, buffers), (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0)).sum()
-
-    device = selected[0][1].device
-    with forked_rng(device=device), preserved_buffers(model), warnings.catch_warnings():
-        # vmap falls back to a (correct) slow loop for ops without a batching rule (attention).
-        warnings.filterwarnings("ignore", message=".*performance drop.*")
-        grads = vmap(
-            grad(example_loss), in_dims=(None, 0, 0), chunk_size=chunk_size, randomness="different"
-        )(chosen, inputs, targets)
-    return {n: g.detach() for n, g in grads.items()}
+    return _vmapped_example_gradients(
+        lambda batch: loss_fn(model(batch[0]), batch[1]).sum(), (inputs, targets), model,
+        selected, inputs.shape[0], chunk_size=chunk_size)
 
 
 def gradient_interference_from_gram(
@@ -254,14 +241,15 @@ def gradient_interference_from_gram(
 
 
 def _vmapped_example_gradients(loss_of_batch: Callable[[Any], Tensor], batch: Any,
-                               module: nn.Module, named: Sequence[tuple[str, Tensor]],
-                               n: int) -> Tensor:
-    """``(n, P)`` per-example gradients in one vectorised call (``torch.func.vmap``).
+                               module: nn.Module, named: Sequence[tuple[str, Tensor]], n: int,
+                               chunk_size: int | None = None) -> dict[str, Tensor]:
+    """Per-example gradients ``name -> (n, *shape)`` in one vectorised call (``torch.func``).
 
     Each example is the sub-batch of one (its per-example tensors with a leading dimension of
-    1), and the module's parameters are swapped for ``vmap``'s by name for the duration of the
-    loss, so any loss of a batch works as long as it is ``vmap``-able (no ``.item()``, no
-    data-dependent Python control flow): otherwise this raises and the caller loops.
+    1), and ``module``'s parameters ``named`` are swapped for ``vmap``'s by name for the
+    duration of the loss, so any loss of a batch works as long as it is ``vmap``-able (no
+    ``.item()``, no data-dependent Python control flow); otherwise this raises. The global RNG
+    (dropout masks, drawn per example) and the buffers are restored afterwards.
     """
     from torch.nn.utils.stateless import _reparametrize_module
 
@@ -277,11 +265,13 @@ def _vmapped_example_gradients(loss_of_batch: Callable[[Any], Tensor], batch: An
             return loss_of_batch(sub).reshape(())
 
     primals = {name: p.detach() for name, p in named}
-    with warnings.catch_warnings():
+    device = named[0][1].device
+    with forked_rng(device=device), preserved_buffers(module), warnings.catch_warnings():
+        # vmap falls back to a (correct) slow loop for ops without a batching rule (attention).
         warnings.filterwarnings("ignore", message=".*performance drop.*")
-        grads = vmap(grad(example_loss), in_dims=(None, in_dims), randomness="different")(
-            primals, batch)
-    return torch.cat([grads[name].reshape(n, -1) for name, _ in named], dim=1).detach()
+        grads = vmap(grad(example_loss), in_dims=(None, in_dims), chunk_size=chunk_size,
+                     randomness="different")(primals, batch)
+    return {name: g.detach() for name, g in grads.items()}
 
 
 def per_example_gradient_gram(
@@ -328,10 +318,11 @@ def per_example_gradient_gram(
     tensors = [p[1] if isinstance(p, tuple) else p for p in params]
     if module is not None and len(named) == len(params):
         try:
-            G = _vmapped_example_gradients(loss_of_batch, batch, module, named, n)
+            grads = _vmapped_example_gradients(loss_of_batch, batch, module, named, n)
         except Exception:  # not vmap-able (e.g. .item() in the loss): loop over examples
-            G = None
-        if G is not None:
+            grads = None
+        if grads is not None:
+            G = torch.cat([grads[name].reshape(n, -1) for name, _ in named], dim=1)
             return _gram(G), G.shape[1], G.dtype
     params = tensors
     rows = []
