@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import multiclass_accuracy
 from typing_extensions import override
 
+from lightning_plasticity.core.layers import get_module
 from lightning_plasticity.core.record import first_tensor
 from lightning_plasticity.data.task_progress import TaskProgress
 
@@ -154,7 +155,7 @@ class TaskEventDispatcher(Callback):
                 name = find_head(record_loss_pass(pl_module, batch))
         except Exception:  # the step's own "logits" (if any) remain the only source
             return
-        head: nn.Module = pl_module if name == "(root)" else pl_module.get_submodule(name)
+        head = get_module(pl_module, name)
 
         def capture(module: nn.Module, args: Any, output: Any) -> None:
             out = first_tensor(output)
@@ -202,6 +203,9 @@ class TaskEventDispatcher(Callback):
         loss, logits = _loss_and_logits(outputs)
         if logits is None:
             logits = self._head_output
+        elif self._handle is not None:
+            # The step returns its logits: the head hook is not needed on the hot path.
+            self.teardown(trainer, pl_module, "fit")
         accuracy = None
         target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
         if logits is not None and not dm.is_regression:
