@@ -63,7 +63,9 @@ class GradientInterferenceCallback(MeasurementCallback):
         >>> [(h["task"], h["event"]) for h in cb.history]  # at the start of every task
         [(0, 'task_start'), (1, 'task_start')]
         >>> sorted(k for k in trainer.callback_metrics if k.startswith("grads/"))
-        ['grads/mean_cosine', 'grads/mean_grad_norm', 'grads/rank', 'grads/rank_fraction']
+        ... # doctest: +NORMALIZE_WHITESPACE
+        ['grads/mean_cosine', 'grads/mean_grad_norm', 'grads/measure_seconds/gradient_interference',
+         'grads/rank', 'grads/rank_fraction']
         >>> int(trainer.callback_metrics["grads/rank"])  # 16 linearly independent gradients
         16
     """

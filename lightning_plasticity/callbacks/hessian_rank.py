@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn
+from lightning_plasticity.core.batch import batch_size
 from lightning_plasticity.measures.grad_hessian_overlap import gradient_hessian_overlap
-from lightning_plasticity.measures.hessian_spectrum import hessian_eps_rank
+from lightning_plasticity.measures.hessian_spectrum import (
+    DEFAULT_EPS_RANK_MATVECS,
+    MIN_EPS_RANK_MATVECS,
+    hessian_eps_rank,
+)
 from lightning_plasticity.measures.hvp import DEFAULT_MAX_DENSE_PARAMS
 from lightning_plasticity.measures.parameter_selection import select_parameters
 
@@ -22,10 +29,19 @@ class HessianRankCallback(MeasurementCallback):
     Lewandowski et al. ("Directions of curvature as an explanation for loss of plasticity")
     tie loss of plasticity to the loss of directions of curvature: the number of Hessian
     eigenvalues with ``|lambda| > threshold`` (the eps-rank) falls. By default this callback
-    measures it at the start of every task, the point the paper measures, with
-    :func:`~lightning_plasticity.measures.hessian_spectrum.hessian_eps_rank` (exact when the
-    parameter block is small, deflated stochastic Lanczos quadrature otherwise) and the
-    gradient-Hessian overlap ``g^T H g / (||g|| ||H g||)``.
+    measures it at the start of every task, the point the paper measures, over the *whole*
+    model with :func:`~lightning_plasticity.measures.hessian_spectrum.hessian_eps_rank`, and
+    the gradient-Hessian overlap ``g^T H g / (||g|| ||H g||)``.
+
+    What it costs: ``method="auto"`` takes the exact dense Hessian where the cost model
+    predicts it to be cheaper than the estimate (small models), else the deflated-SLQ
+    estimate with its error bar. ``max_overhead`` caps the estimate's Hessian-vector products
+    at that fraction of the training time between two measurements (timed; before the first
+    interval is known, predicted from a timed forward and backward pass and the data module's
+    ``steps_per_task``), never below 300 products (fewer give a biased count; where even 300
+    exceed the cap, a note says what the measurement costs, and ``every_n_tasks`` is the way to
+    spend less). Fewer products give a wider ``hessian_eps_rank_error``. ``curvature/measure_seconds/hessian_rank`` logs what each
+    measurement took.
 
     The loss is the module's own: ``loss_fn(pl_module, batch)`` if given, else its
     ``plasticity_loss(batch)``, else its ``training_step`` (logging suppressed). The model is
@@ -35,26 +51,24 @@ class HessianRankCallback(MeasurementCallback):
     all-reduced, so all ranks get the single-process result on the whole probe batch.
 
     Logged under ``curvature/``: ``hessian_eps_rank``, ``hessian_eps_rank_normalized`` (over
-    the parameters measured), ``hessian_eps_rank_error`` (0 when exact),
-    ``hessian_effective_rank``, ``hessian_top_eigenvalue``, ``hessian_num_params``,
-    ``grad_hessian_overlap``, ``grad_norm``, ``grad_rayleigh_quotient`` (``g^T H g / ||g||^2``);
-    the top eigenvalues go to the history and to wandb as a histogram.
+    the parameters measured), ``hessian_eps_rank_error`` (0 when exact, else a ~95% error
+    bar), ``hessian_effective_rank``, ``hessian_top_eigenvalue``, ``hessian_num_params``,
+    ``grad_hessian_overlap``, ``grad_norm``, ``grad_rayleigh_quotient``
+    (``g^T H g / ||g||^2``); the top eigenvalues go to the history and to wandb as a histogram.
 
     Args:
         eps: eigenvalue threshold, relative to ``|lambda_max|`` when ``relative`` (default
             ``1e-3``: directions flatter than that take more than ~1000 steps to learn).
         relative: whether ``eps`` is relative to the largest-magnitude eigenvalue.
-        method: ``"auto"`` (dense when the block has at most ``max_dense_params``
-            parameters), ``"dense"`` (exact) or ``"lanczos"`` (estimate with error).
-        modules: measure the block of these submodules (names or fnmatch patterns).
-        last_n_layers: measure the block of the last ``n`` parameterised layers.
-            Without ``modules`` or ``last_n_layers`` the block is every trainable parameter;
-            if that is more than ``max_dense_params`` and ``method`` is not ``"lanczos"``, the
-            block is the largest set of last layers that fits (said once in a warning), so the
-            default measurement is exact and cheap on any model. A whole large model needs
-            ``method="lanczos"`` (deflated SLQ; minutes per measurement at 1e4-1e5
-            parameters on a CPU).
+        method: ``"auto"`` (the cost model), ``"dense"`` (exact) or ``"lanczos"`` (estimate).
+        modules: measure the block of these submodules (names or fnmatch patterns) instead of
+            the whole model.
+        last_n_layers: measure the block of the last ``n`` parameterised layers (the
+            "partial blockwise Hessian" of Lewandowski et al.) instead of the whole model.
         max_dense_params: parameter limit of the dense method.
+        num_matvecs: Hessian-vector products of the estimate when time allows.
+        max_overhead: fraction of the training time between measurements the estimate may
+            take (``None``: always ``num_matvecs`` products).
         top_k: how many of the largest eigenvalues to record.
         overlap: also measure the gradient-Hessian overlap (one more Hessian-vector product).
         probe_size, loss_fn, on_task_start, on_task_end, every_n_train_steps, every_n_tasks:
@@ -87,6 +101,8 @@ class HessianRankCallback(MeasurementCallback):
         >>> rank = int(metrics["curvature/hessian_eps_rank"])  # of the exact 170 x 170 Hessian
         >>> 0 < rank <= 170, float(metrics["curvature/hessian_eps_rank_error"])
         (True, 0.0)
+        >>> cb.history[0]["curvature/measure_seconds/hessian_rank"] > 0  # what it cost
+        True
     """
 
     def __init__(
@@ -97,6 +113,8 @@ class HessianRankCallback(MeasurementCallback):
         modules: Sequence[str] | None = None,
         last_n_layers: int | None = None,
         max_dense_params: int = DEFAULT_MAX_DENSE_PARAMS,
+        num_matvecs: int = DEFAULT_EPS_RANK_MATVECS,
+        max_overhead: float | None = 0.25,
         top_k: int = 20,
         overlap: bool = True,
         probe_size: int = 256,
@@ -121,40 +139,26 @@ class HessianRankCallback(MeasurementCallback):
                 f"HessianRankCallback: last_n_layers must be >= 1, got {last_n_layers}.")
         if top_k < 1 or max_dense_params < 1:
             raise ValueError("HessianRankCallback: top_k and max_dense_params must be >= 1.")
+        if num_matvecs < MIN_EPS_RANK_MATVECS:
+            raise ValueError(f"HessianRankCallback: num_matvecs must be >= "
+                             f"{MIN_EPS_RANK_MATVECS}, got {num_matvecs}.")
+        if max_overhead is not None and not max_overhead > 0:
+            raise ValueError("HessianRankCallback: max_overhead must be > 0 (a fraction of the "
+                             f"training time, e.g. 0.25) or None, got {max_overhead}.")
         self.eps, self.relative, self.method = eps, relative, method
         self.modules = list(modules) if modules is not None else None
         self.last_n_layers, self.max_dense_params = last_n_layers, max_dense_params
+        self.num_matvecs, self.max_overhead = num_matvecs, max_overhead
         self.top_k, self.overlap = top_k, overlap
 
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "eps": self.eps, "method": self.method,
-                "modules": self.modules, "last_n_layers": self.last_n_layers}
+                "modules": self.modules, "last_n_layers": self.last_n_layers,
+                "max_dense_params": self.max_dense_params, "max_overhead": self.max_overhead}
 
     def _params(self, pl_module: pl.LightningModule) -> list:
-        if self.modules is not None or self.last_n_layers is not None or self.method == "lanczos":
-            return select_parameters(pl_module, modules=self.modules,
-                                     last_n_layers=self.last_n_layers)
-        params = select_parameters(pl_module)
-        if sum(p.numel() for _, p in params) <= self.max_dense_params:
-            return params
-        # Too big for the exact method: the largest block of last layers that fits (the
-        # partial blockwise Hessian Lewandowski et al. measure), rather than a slow estimate.
-        block, n = select_parameters(pl_module, last_n_layers=1), 1
-        while True:
-            try:
-                wider = select_parameters(pl_module, last_n_layers=n + 1)
-            except ValueError:
-                break
-            if len(wider) == len(block) or sum(p.numel() for _, p in wider) > \
-                    self.max_dense_params:
-                break
-            block, n = wider, n + 1
-        self._note_once(f"the model has more than max_dense_params={self.max_dense_params} "
-                        f"parameters: measuring the exact Hessian of the last {n} layer(s) "
-                        f"({sum(p.numel() for _, p in block)} parameters). Pass method='lanczos' "
-                        "to estimate the whole model's eps-rank, or choose a block with modules= "
-                        "or last_n_layers=")
-        return block
+        return select_parameters(pl_module, modules=self.modules,
+                                 last_n_layers=self.last_n_layers)
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         try:
@@ -169,12 +173,68 @@ class HessianRankCallback(MeasurementCallback):
                 "(modules=... or last_n_layers=...)")
         super().check(trainer, pl_module, batch)
 
+    def _steps_between(self, trainer: pl.Trainer) -> int | None:
+        """Optimizer steps between two measurements, when the schedule says."""
+        steps = []
+        per_task = getattr(trainer.datamodule, "steps_per_task", None)
+        if self._has_task_events(trainer) and isinstance(per_task, int):
+            steps.append(per_task * self.every_n_tasks)
+        if self.every_n_train_steps:
+            steps.append(self.every_n_train_steps)
+        return min(steps) if steps else None
+
+    def _predicted_step_seconds(self, pl_module: pl.LightningModule, batch: Any,
+                                params: list) -> float:
+        """One training step, predicted before any was timed: a forward and backward pass of
+        the module's loss, scaled from the probe batch to the training batch."""
+        loss_fn = self.module_loss_fn()
+        start = time.perf_counter()
+        with torch.enable_grad():
+            torch.autograd.grad(loss_fn(pl_module, batch), [p for _, p in params],
+                                allow_unused=True)
+        seconds = time.perf_counter() - start
+        datamodule = getattr(getattr(pl_module, "trainer", None), "datamodule", None)
+        train_size = getattr(datamodule, "batch_size", None)
+        probe = batch_size(batch)
+        if isinstance(train_size, int) and probe:
+            seconds *= train_size / probe
+        return seconds
+
+    def _max_seconds(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                     params: list) -> float | None:
+        if self.max_overhead is None:
+            return None
+        if self.interval_seconds is not None:
+            return self.max_overhead * self.interval_seconds
+        steps = self._steps_between(trainer)
+        if steps is None:
+            return None
+        return self.max_overhead * steps * self._predicted_step_seconds(pl_module, batch, params)
+
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> list[Any]:
+        self._started = time.perf_counter()
         params = self._params(pl_module)
+        max_seconds = self._max_seconds(trainer, pl_module, batch, params)
+        if max_seconds is not None and trainer.world_size > 1:
+            # Every rank must run the same number of all-reduced products: agree on the limit.
+            max_seconds = float(trainer.strategy.reduce(
+                torch.tensor(max_seconds, dtype=torch.float64), reduce_op="mean"))
         result = hessian_eps_rank(pl_module, self.module_loss_fn(), batch, eps=self.eps,
                                   relative=self.relative, method=self.method, params=params,
-                                  reduce=reduce, max_dense_params=self.max_dense_params)
+                                  reduce=reduce, max_dense_params=self.max_dense_params,
+                                  num_matvecs=self.num_matvecs, max_seconds=max_seconds)
+        if (max_seconds is not None and result.method == "lanczos"
+                and result.num_matvecs >= MIN_EPS_RANK_MATVECS
+                and self.interval_seconds is not None):
+            spent = time.perf_counter() - self._started
+            if spent > 2 * max_seconds:
+                self._note_once(
+                    f"a measurement takes {spent:.2f} s, {spent / self.interval_seconds:.0%} of "
+                    f"the training between measurements (max_overhead={self.max_overhead}): "
+                    f"the estimate needs at least {MIN_EPS_RANK_MATVECS} Hessian-vector "
+                    "products to be unbiased. Measure less often (every_n_tasks=...) or a "
+                    "smaller block (modules=... / last_n_layers=...) to spend less")
         top = result.eigenvalues.sort(descending=True).values[: self.top_k]
         out: list[Any] = [result, {"spectrum:hessian_top_eigenvalues": top}]
         if self.overlap:

@@ -14,6 +14,8 @@ optimizer steps when given.
 from __future__ import annotations
 
 import math
+import re
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -102,6 +104,18 @@ class MeasurementCallback(Callback):
         self._starts, self._ends = TaskSchedule(every_n_tasks), TaskSchedule(every_n_tasks)
         self._steps = StepSchedule(every_n_train_steps)
         self._restored = False
+        #: wall seconds from the end of the previous measurement to the start of this one
+        #: (the training the measurement interrupts), None before the second measurement
+        self.interval_seconds: float | None = None
+        self._last_end: float | None = None
+
+    @property
+    def cost_key(self) -> str:
+        """The logged cost metric: ``f"{prefix}/measure_seconds/{name}"``, the name in snake
+        case without ``Callback`` (``curvature/measure_seconds/hessian_rank``)."""
+        name = re.sub(r"Callback$", "", type(self).__name__)
+        snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+        return f"{self.prefix}/measure_seconds/{snake}"
 
     # ------------------------------------------------------------------ to implement
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -207,7 +221,21 @@ class MeasurementCallback(Callback):
     # ------------------------------------------------------------------ the measurement
     def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
                     task_id: int) -> dict[str, Any] | None:
-        """Measure, log and record; every rank must call it at the same point."""
+        """Measure, log and record; every rank must call it at the same point.
+
+        The record and the log carry :attr:`cost_key`: the wall seconds this measurement took
+        (probe selection, checks, compute), so users see what they pay.
+        """
+        started = time.perf_counter()
+        if self._last_end is not None:
+            self.interval_seconds = started - self._last_end
+        try:
+            return self._measure(trainer, pl_module, event, task_id, started)
+        finally:
+            self._last_end = time.perf_counter()
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
+                 task_id: int, started: float) -> dict[str, Any] | None:
         error: str | None = None
         batch = None
         try:
@@ -249,6 +277,11 @@ class MeasurementCallback(Callback):
                    for k, v in list(metrics.items()) if k.startswith("spectrum:")}
         scalars = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()
                    if not k.startswith("spectrum:")}
+        seconds = time.perf_counter() - started
+        if trainer.world_size > 1:  # what the run pays is the slowest rank: log the same value
+            seconds = float(trainer.strategy.reduce(torch.tensor(seconds, dtype=torch.float64),
+                                                    reduce_op="max"))
+        scalars[self.cost_key] = seconds
         bad = [k for k, v in scalars.items() if not math.isfinite(v)]
         if bad:
             self._note_once(f"non-finite values ({', '.join(bad[:4])}"

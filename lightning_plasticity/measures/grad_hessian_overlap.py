@@ -103,7 +103,7 @@ def _safe_div(a: float, b: float) -> float:
 
 def _overlap(hvp: HessianVectorProduct) -> GradientHessianOverlap:
     g = hvp.gradient
-    hg = hvp.matvec(g).to(_F64)
+    hg = (hvp @ g).to(_F64)
     g = g.to(_F64)
     g_norm = float(g.norm())
     hg_norm = float(hg.norm())
@@ -137,10 +137,8 @@ def _eigs(
 ) -> EigenResult:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}.")
-    return top_eigenpairs(
-        hvp.matvec, hvp.num_params, min(k, hvp.num_params), which=which, tol=tol,
-        max_iter=max_iter, seed=seed, dtype=hvp.dtype, device=hvp.device,
-    )
+    return top_eigenpairs(hvp, min(k, hvp.num_params), which=which, tol=tol,
+                          max_iter=max_iter, seed=seed)
 
 
 def gradient_hessian_overlap(

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_plasticity.core.isolation import forked_rng, preserved_buffers
+from lightning_plasticity.measures.linear_operator import LinearOperator
 from lightning_plasticity.measures.parameter_selection import NamedParams, select_parameters
 
 __all__ = [
@@ -137,11 +138,14 @@ def _symmetrise_(H: Tensor, block: int = 1024) -> None:
             b.copy_(avg.T)
 
 
-class HessianVectorProduct:
+class HessianVectorProduct(LinearOperator):
     """Hessian-vector products of ``loss_fn(model, batch)`` w.r.t. selected parameters.
 
-    The Hessian is taken with respect to the flat concatenation of ``params`` (in order), so
-    all vectors are 1-D tensors of length :attr:`num_params` on :attr:`device` in :attr:`dtype`.
+    A :class:`~lightning_plasticity.measures.linear_operator.LinearOperator`: ``hvp @ v`` for a
+    vector, ``hvp @ V`` for a block of columns (one vmapped double backward per ``max_batch``
+    columns), ``hvp.shape``, ``hvp.to_scipy()``. The Hessian is taken with respect to the
+    flat concatenation of ``params`` (in order), so all vectors are 1-D tensors of length
+    :attr:`num_params` on :attr:`device` in :attr:`dtype`.
     The loss is evaluated once, in the model's *current* mode: BatchNorm uses batch statistics
     in train mode and running statistics in eval mode, dropout is active in train mode (its mask
     is drawn once and then fixed for every product). Callers that want the deterministic
@@ -188,9 +192,11 @@ class HessianVectorProduct:
         >>> hvp.num_params
         67
         >>> v = torch.randn(hvp.num_params, dtype=hvp.dtype)
-        >>> hv = hvp.matvec(v)  # H @ v
-        >>> hv.shape
-        torch.Size([67])
+        >>> hv = hvp @ v  # H v; hvp.matvec(v) is the same
+        >>> hv.shape, hvp.shape
+        (torch.Size([67]), (67, 67))
+        >>> (hvp @ torch.randn(hvp.num_params, 4)).shape  # a block: one batched product
+        torch.Size([67, 4])
         >>> hvp.release()
     """
 
@@ -211,8 +217,7 @@ class HessianVectorProduct:
         self._shapes = [p.shape for p in self._params]
         self._numels = [p.numel() for p in self._params]
         self.num_params: int = sum(self._numels)
-        self.dtype: torch.dtype = self._params[0].dtype
-        self.device: torch.device = self._params[0].device
+        super().__init__(self.num_params, self._params[0].dtype, self._params[0].device)
 
         with (
             forked_rng(device=self.device),
@@ -381,9 +386,15 @@ class HessianVectorProduct:
             >>> hv.shape
             torch.Size([8])
         """
-        return self._apply_reduce(self._hvp_raw(self._flat_check(v)))
+        return self @ self._flat_check(v)
 
     __call__ = matvec
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        return self._apply_reduce(self._hvp_raw(x))
+
+    def _matmat(self, X: Tensor) -> Tensor:
+        return self._apply_reduce(self._matmat_raw(X))
 
     def matmat(self, V: Tensor) -> Tensor:
         """Return ``H V`` for an ``(num_params, k)`` block, reduced once for the whole block.
@@ -409,8 +420,7 @@ class HessianVectorProduct:
             raise ValueError(
                 f"V must have shape (num_params={self.num_params}, k), got {tuple(V.shape)}."
             )
-        V = V.to(dtype=self.dtype, device=self.device)
-        return self._apply_reduce(self._matmat_raw(V))
+        return self @ V
 
     def dense_memory_bytes(self) -> int:
         """Estimated peak memory of :meth:`dense` (the matrix; it is symmetrised in place)."""
@@ -504,6 +514,7 @@ class HessianVectorProduct:
             block.zero_()
             block[start:stop] = torch.eye(stop - start, dtype=self.dtype, device=self.device)
             H[:, start:stop] = self._matmat_raw(block)
+        self.num_matvecs += n
         H = self._apply_reduce(H)
         _symmetrise_(H)
         return H

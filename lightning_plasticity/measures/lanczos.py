@@ -1,7 +1,9 @@
 """Lanczos eigensolver and stochastic Lanczos quadrature over a matrix-vector product.
 
-Everything here works on an abstract symmetric operator ``matvec: Tensor -> Tensor`` over flat
-vectors of length ``n`` (for Hessians: :meth:`HessianVectorProduct.matvec`). The Lanczos
+Everything here works on a symmetric :class:`~lightning_plasticity.measures.linear_operator.
+LinearOperator` ``A`` (``A @ x`` for vectors and blocks; the Hessian is one:
+:class:`~lightning_plasticity.measures.hvp.HessianVectorProduct`; a dense tensor is accepted
+too). The Lanczos
 vectors, the tridiagonal matrix and all reductions are kept in float64 whatever the matvec
 dtype, with *full reorthogonalisation* (classical Gram-Schmidt, applied twice), so there are no
 spurious "ghost" Ritz values and the Ritz residual estimates are reliable. Memory is
@@ -30,12 +32,19 @@ hessian_spectrum.hessian_eps_rank`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from lightning_plasticity.measures.linear_operator import (
+    LinearOperator,
+    ProjectedOperator,
+    as_operator,
+)
 
 __all__ = [
     "EigenResult",
@@ -48,8 +57,6 @@ __all__ = [
     "top_eigenpairs",
 ]
 
-MatVec = Callable[[Tensor], Tensor]
-MatMat = Callable[[Tensor], Tensor]
 Which = Literal["LA", "SA", "LM"]
 
 _F64 = torch.float64
@@ -102,17 +109,15 @@ class _LanczosProcess:
 
     def __init__(
         self,
-        matvec: MatVec,
-        n: int,
+        A: LinearOperator,
         generator: torch.Generator,
-        dtype: torch.dtype,
-        device: torch.device | str,
         start: Tensor | None = None,
         capacity: int = 64,
     ) -> None:
-        self.matvec, self.n, self.generator = matvec, n, generator
-        self.dtype, self.device = dtype, torch.device(device)
-        self.bdt = _basis_dtype(dtype)
+        self.A, self.n, self.generator = A, A.n, generator
+        n = A.n
+        self.dtype, self.device = A.dtype, A.device
+        self.bdt = _basis_dtype(self.dtype)
         self.Q = torch.empty(n, min(capacity, n), dtype=self.bdt, device=self.device)
         self.alphas: list[float] = []
         self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}
@@ -175,7 +180,7 @@ class _LanczosProcess:
                 self.q = fresh
             j = self.m
             self.Q[:, j] = self.q
-            w = self.matvec(self.q.to(self.dtype)).to(device=self.device, dtype=self.bdt)
+            w = (self.A @ self.q.to(self.dtype)).to(device=self.device, dtype=self.bdt)
             self.num_matvecs += 1
             alpha = float(self.q @ w)
             if not math.isfinite(alpha):
@@ -221,23 +226,17 @@ class _LanczosProcess:
 
 
 def lanczos(
-    matvec: MatVec,
-    n: int,
+    A: LinearOperator | Tensor,
     num_iter: int,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
     start: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run ``num_iter`` Lanczos steps with full reorthogonalisation.
 
     Args:
-        matvec: Symmetric operator on flat vectors of length ``n`` (takes ``dtype``).
-        n: Dimension.
+        A: Symmetric operator (or dense symmetric matrix) of dimension ``n``.
         num_iter: Number of steps (capped at ``n``).
         generator: CPU generator for the start vector and restarts (default: seeded with 0).
-        dtype: Dtype of the vectors passed to ``matvec``.
-        device: Device of the vectors passed to ``matvec``.
         start: Optional start vector (normalised internally).
 
     Returns:
@@ -251,7 +250,7 @@ def lanczos(
         >>> import torch
         >>> from lightning_plasticity.measures.lanczos import lanczos
         >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
-        >>> alphas, betas, Q = lanczos(lambda v: A @ v, 100, 30)
+        >>> alphas, betas, Q = lanczos(A, 30)
         >>> alphas.shape, betas.shape, Q.shape
         (torch.Size([30]), torch.Size([29]), torch.Size([100, 30]))
         >>> T = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
@@ -260,9 +259,10 @@ def lanczos(
     """
     if num_iter < 1:
         raise ValueError(f"num_iter must be >= 1, got {num_iter}.")
+    A = as_operator(A)
     proc = _LanczosProcess(
-        matvec, n, generator if generator is not None else _generator(0), dtype, device, start,
-        capacity=min(num_iter, n),
+        A, generator if generator is not None else _generator(0), start,
+        capacity=min(num_iter, A.n),
     )
     proc.extend(num_iter)
     m = proc.m
@@ -304,40 +304,38 @@ def _select(theta: Tensor, k: int, which: Which) -> Tensor:
 
 
 def top_eigenpairs(
-    matvec: MatVec,
-    n: int,
+    A: LinearOperator | Tensor,
     k: int,
     which: Which = "LA",
     tol: float | None = None,
     max_iter: int | None = None,
     seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
     backend: Literal["torch", "scipy"] = "torch",
     exact_residuals: bool = True,
+    warn: bool = True,
 ) -> EigenResult:
     """``k`` extreme eigenpairs of a symmetric operator by Lanczos.
 
     The Krylov basis is grown (full reorthogonalisation) until the ``k`` wanted Ritz pairs have
     residual ``<= tol * max|theta|`` or ``max_iter`` steps are reached, so no restart logic is
-    needed; unconverged pairs are returned with ``converged=False``.
+    needed; unconverged pairs are returned with ``converged=False`` and, with ``warn``, a
+    warning (once per call site) says how many and how to get them.
 
     Args:
-        matvec: Symmetric operator on flat vectors of length ``n``.
-        n: Dimension.
+        A: Symmetric operator (or dense symmetric matrix) of dimension ``n``.
         k: Number of eigenpairs (``1 <= k <= n``).
         which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic (most negative),
             ``"LM"`` largest magnitude.
         tol: Relative residual tolerance; default ``sqrt(machine eps)`` of ``dtype`` (1.5e-8
             for float64, 3.5e-4 for float32): about the attainable accuracy of the products.
-        max_iter: Largest Krylov dimension; default ``min(n, max(200, 6 k))``.
+        max_iter: Largest Krylov dimension; default ``min(n, max(300, 10 k))`` (interior
+            ends of a Hessian spectrum, e.g. ``which="SA"``, converge slowly).
         seed: Seed of the start vector.
-        dtype: Dtype of the vectors passed to ``matvec``.
-        device: Device of the vectors passed to ``matvec``.
-        backend: ``"torch"`` (this module's Lanczos) or ``"scipy"`` (ARPACK ``eigsh`` over a
-            ``LinearOperator``, on CPU float64 vectors; matvecs are moved to ``device``).
+        backend: ``"torch"`` (this module's Lanczos) or ``"scipy"`` (ARPACK ``eigsh`` over
+            :meth:`LinearOperator.to_scipy`, on CPU float64 vectors).
         exact_residuals: Recompute ``||H v - lambda v||`` with ``k`` extra products instead of
             the Lanczos estimate.
+        warn: Warn when some of the ``k`` pairs did not converge.
 
     Returns:
         An :class:`EigenResult`.
@@ -353,7 +351,7 @@ def top_eigenpairs(
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
         >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
-        >>> res = top_eigenpairs(hvp.matvec, hvp.num_params, k=5, dtype=hvp.dtype)
+        >>> res = top_eigenpairs(hvp, k=5)
         >>> res.eigenvalues.shape, res.eigenvectors.shape
         (torch.Size([5]), torch.Size([26, 5]))
         >>> bool(res.converged.all())
@@ -362,18 +360,20 @@ def top_eigenpairs(
         >>> torch.allclose(res.eigenvalues[0], exact[0])  # largest Hessian eigenvalue
         True
     """
+    A = as_operator(A)
+    n, dtype = A.n, A.dtype
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and n={n}, got {k}.")
     _select(torch.zeros(1), 1, which)  # validate `which`
     tol = _default_tol(dtype) if tol is None else float(tol)
-    max_iter = min(n, max(200, 6 * k)) if max_iter is None else min(n, max(int(max_iter), k))
+    max_iter = min(n, max(300, 10 * k)) if max_iter is None else min(n, max(int(max_iter), k))
     generator = _generator(seed)
+    start_count = A.num_matvecs
 
     if backend == "scipy":
-        vals, vecs, num = _scipy_eigsh(matvec, n, k, which, tol, max_iter, generator, dtype,
-                                       device)
+        vals, vecs = _scipy_eigsh(A, k, which, tol, max_iter, generator)
     elif backend == "torch":
-        proc = _LanczosProcess(matvec, n, generator, dtype, device, capacity=max_iter)
+        proc = _LanczosProcess(A, generator, capacity=max_iter)
         step = min(max_iter, max(2 * k + 20, 30))
         while True:
             before = proc.m
@@ -387,7 +387,6 @@ def top_eigenpairs(
             step = min(max(10, proc.m // 4), max_iter - proc.m)
         vals = theta[idx]
         vecs = proc.basis @ S[:, idx].to(proc.device, proc.bdt)
-        num = proc.num_matvecs
         est_res = res[idx]
     else:
         raise ValueError(f"backend must be 'torch' or 'scipy', got {backend!r}.")
@@ -396,43 +395,38 @@ def top_eigenpairs(
         residuals = torch.empty(len(vals), dtype=_F64)
         for i in range(len(vals)):
             v = vecs[:, i]
-            hv = matvec(v.to(dtype)).to(device=v.device, dtype=_F64)
+            hv = (A @ v.to(dtype)).to(device=v.device, dtype=_F64)
             residuals[i] = float((hv - vals[i] * v).norm())
-        num += len(vals)
     else:
         residuals = est_res
     scale = float(vals.abs().max()) if len(vals) else 0.0
+    converged = residuals <= tol * max(scale, 1e-300)
+    if warn and not bool(converged.all()):
+        warnings.warn(
+            f"Lanczos: {int((~converged).sum())} of {k} eigenpairs ({which}) did not reach the "
+            f"relative residual tol={tol:.1e} in {max_iter} steps; they are flagged in "
+            "`converged`. Raise max_iter (or tol) to converge them.", stacklevel=2)
     return EigenResult(
         eigenvalues=vals.to(_F64).cpu(),
         eigenvectors=vecs.to(dtype),
         residuals=residuals,
-        converged=residuals <= tol * max(scale, 1e-300),
-        num_matvecs=num,
+        converged=converged,
+        num_matvecs=A.num_matvecs - start_count,
     )
 
 
 def _scipy_eigsh(
-    matvec: MatVec,
-    n: int,
+    A: LinearOperator,
     k: int,
     which: Which,
     tol: float,
     max_iter: int,
     generator: torch.Generator,
-    dtype: torch.dtype,
-    device: torch.device | str,
-) -> tuple[Tensor, Tensor, int]:
-    import numpy as np
-    from scipy.sparse.linalg import LinearOperator, eigsh
+) -> tuple[Tensor, Tensor]:
+    from scipy.sparse.linalg import eigsh
 
-    count = [0]
-
-    def mv(x: np.ndarray) -> np.ndarray:
-        count[0] += 1
-        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64).reshape(-1))
-        return matvec(t.to(device=device, dtype=dtype)).detach().to("cpu", _F64).numpy()
-
-    op = LinearOperator((n, n), matvec=mv, dtype=np.float64)
+    n = A.n
+    op = A.to_scipy()
     v0 = torch.randn(n, generator=generator, dtype=_F64).numpy()
     if k >= n - 1:
         raise ValueError(f"backend='scipy' needs k < n - 1 (ARPACK), got k={k}, n={n}.")
@@ -442,7 +436,7 @@ def _scipy_eigsh(
     t_vals = torch.from_numpy(vals)
     t_vecs = torch.from_numpy(vecs)
     order = _select(t_vals, k, which)
-    return t_vals[order], t_vecs[:, order].to(device), count[0]
+    return t_vals[order], t_vecs[:, order].to(A.device)
 
 
 @dataclass(frozen=True)
@@ -509,15 +503,13 @@ class SLQResult:
 
 
 def _multi_lanczos(
-    matmat: MatMat,
+    A: LinearOperator,
     Z: Tensor,
     num_iter: int,
-    dtype: torch.dtype,
-    device: torch.device | str,
     reorthogonalize: bool = True,
 ) -> list[tuple[Tensor, float]]:
     """Independent Lanczos runs from the columns of ``Z``, in lockstep so that each step is
-    one block product ``matmat``.
+    one block product ``A @ Q``.
 
     With ``reorthogonalize`` every new vector is orthogonalised against its run's whole basis
     (``num_iter * n`` numbers per column); without, only the three-term recurrence is used
@@ -529,6 +521,7 @@ def _multi_lanczos(
     there: its Gauss rule is then exact and later nodes would carry zero weight.
     """
     n, p = Z.shape
+    dtype, device = A.dtype, A.device
     m = min(num_iter, n)
     bdt = _basis_dtype(dtype)
     Z = Z.to(bdt)
@@ -545,7 +538,7 @@ def _multi_lanczos(
     for j in range(m):
         if Q is not None:
             Q[:, j] = q
-        W = matmat(q.T.to(dtype)).to(device=device, dtype=bdt).T.contiguous()  # (p, n)
+        W = (A @ q.T.to(dtype)).to(device=device, dtype=bdt).T.contiguous()  # (p, n)
         a = (q * W).sum(dim=1)
         if not bool(torch.isfinite(a).all()):
             raise FloatingPointError(
@@ -588,15 +581,10 @@ def _multi_lanczos(
 
 
 def slq(
-    matvec: MatVec,
-    n: int,
+    A: LinearOperator | Tensor,
     num_probes: int = 10,
     num_iter: int = 80,
     seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-    project: Callable[[Tensor], Tensor] | None = None,
-    matmat: MatMat | None = None,
     block_size: int = 8,
     reorthogonalize: bool = True,
 ) -> SLQResult:
@@ -604,23 +592,19 @@ def slq(
 
     Each probe is a Rademacher vector ``z`` (``||z||^2 = n``); Lanczos from ``z/sqrt(n)`` gives
     ``T = S diag(theta) S^T`` and the Gauss rule ``z^T f(H) z ~ n sum_j S[0, j]^2
-    f(theta_j)``, exact for polynomials of degree ``< 2 num_iter``.
+    f(theta_j)``, exact for polynomials of degree ``< 2 num_iter``. Up to ``block_size``
+    probes run in lockstep, one block product ``A @ Z`` per step (batched Hessian-vector
+    products are faster per vector than single ones).
 
     Args:
-        matvec: Symmetric operator on flat vectors of length ``n``.
-        n: Dimension.
+        A: Symmetric operator (or dense symmetric matrix) of dimension ``n``. For a
+            :class:`~lightning_plasticity.measures.linear_operator.ProjectedOperator`
+            ``P H P`` each probe is projected first and weighted by ``||P z||^2 / n``, so the
+            estimate is of ``tr(P f(PHP) P)``.
         num_probes: Number of Rademacher probes.
         num_iter: Lanczos steps per probe (capped at ``n``).
         seed: Seed of the probes.
-        dtype: Dtype of the vectors passed to ``matvec``.
-        device: Device of the vectors passed to ``matvec``.
-        project: Optional orthogonal projector ``P`` applied to each probe (for a deflated
-            operator ``P H P``); the probe weight becomes ``||P z||^2 / n`` so that the
-            estimate is of ``tr(P f(PHP) P)``.
-        matmat: Optional block operator ``(n, k) -> (n, k)``; when given, up to
-            ``block_size`` probes run in lockstep, one block product per step (much faster
-            with batched Hessian-vector products). The results are the same up to rounding.
-        block_size: Probes per block with ``matmat``. Memory is ``block_size * num_iter * n``
+        block_size: Probes per block product. Memory is ``block_size * num_iter * n``
             numbers with reorthogonalisation, ``O(block_size * n)`` without.
         reorthogonalize: Full reorthogonalisation of each probe's Lanczos basis (default).
             Without it the quadrature stays accurate (Knizhnerman 1996; Chen, Trogdon & Ubaru
@@ -642,7 +626,7 @@ def slq(
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
         >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
-        >>> res = slq(hvp.matvec, hvp.num_params, num_probes=10, num_iter=10, dtype=hvp.dtype)
+        >>> res = slq(hvp, num_probes=10, num_iter=10)
         >>> res.nodes.shape, res.weights.shape
         (torch.Size([10, 10]), torch.Size([10, 10]))
         >>> per_probe = res.trace_estimates(lambda t: t)
@@ -655,37 +639,25 @@ def slq(
         raise ValueError(
             f"num_probes and num_iter must be >= 1, got {num_probes} and {num_iter}."
         )
+    A = as_operator(A)
+    n = A.n
     m = min(num_iter, n)
     generator = _generator(seed)
     # All probes are drawn up front so that the result does not depend on block_size.
-    probes = [_rademacher(n, generator, device) for _ in range(num_probes)]
+    probes = [_rademacher(n, generator, A.device) for _ in range(num_probes)]
     scales = [1.0] * num_probes
-    if project is not None:
-        probes = [project(z) for z in probes]
+    if isinstance(A, ProjectedOperator):
+        probes = [A.project(z) for z in probes]
         scales = [float(z @ z) / n for z in probes]
     keep = [i for i in range(num_probes) if scales[i] > 1e-30]
     runs: dict[int, tuple[Tensor, float]] = {}
     num_matvecs = 0
-    if matmat is None and not reorthogonalize:
-        mv = matvec
-
-        def matmat(X: Tensor) -> Tensor:
-            return torch.stack([mv(X[:, i]) for i in range(X.shape[1])], dim=1)
-
-    if matmat is not None:
-        for start in range(0, len(keep), max(1, block_size)):
-            idx = keep[start : start + max(1, block_size)]
-            Z = torch.stack([probes[i] for i in idx], dim=1)
-            block = _multi_lanczos(matmat, Z, m, dtype, device, reorthogonalize)
-            runs.update(zip(idx, block))
-            num_matvecs += len(idx) * max(T.shape[0] for T, _ in block)
-    else:
-        for i in keep:
-            proc = _LanczosProcess(matvec, n, generator, dtype, device, start=probes[i],
-                                   capacity=m)
-            proc.extend_until_breakdown(m)
-            num_matvecs += proc.num_matvecs
-            runs[i] = (proc.tridiagonal(), proc.residual_beta)
+    for start in range(0, len(keep), max(1, block_size)):
+        idx = keep[start : start + max(1, block_size)]
+        Z = torch.stack([probes[i] for i in idx], dim=1)
+        before = A.num_matvecs
+        runs.update(zip(idx, _multi_lanczos(A, Z, m, reorthogonalize)))
+        num_matvecs += A.num_matvecs - before
     empty = (torch.zeros(0, 0, dtype=_F64), 0.0)
     Ts = [runs.get(i, empty)[0] for i in range(num_probes)]
     betas = torch.tensor([runs.get(i, empty)[1] for i in range(num_probes)], dtype=_F64)
@@ -711,15 +683,12 @@ def _quadrature(
 
 
 def slq_density(
-    matvec: MatVec,
-    n: int,
+    A: LinearOperator | Tensor,
     num_probes: int = 10,
     num_iter: int = 80,
     seed: int = 0,
     grid: Tensor | int = 1000,
     sigma: float | None = None,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor, SLQResult]:
     """Gaussian-smoothed spectral density by SLQ (Ghorbani et al. 2019, Sec. 2).
 
@@ -727,8 +696,7 @@ def slq_density(
     (it integrates to 1 over a grid covering the nodes +- a few sigma).
 
     Args:
-        matvec: Symmetric operator on flat vectors of length ``n``.
-        n: Dimension.
+        A: Symmetric operator (or dense symmetric matrix).
         num_probes: Number of probes.
         num_iter: Lanczos steps per probe.
         seed: Seed of the probes.
@@ -736,8 +704,6 @@ def slq_density(
             ``[min node - 5 sigma, max node + 5 sigma]``).
         sigma: Kernel width; default 1% of the Ritz-value range (Ghorbani et al. use a
             variance of 1e-5 on a spectrum normalised to [-1, 1], i.e. a similar scale).
-        dtype: Dtype of the vectors passed to ``matvec``.
-        device: Device of the vectors passed to ``matvec``.
 
     Returns:
         ``(grid, density, slq_result)``, grid and density float64 on CPU.
@@ -753,14 +719,13 @@ def slq_density(
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
         >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
-        >>> grid, density, _ = slq_density(hvp.matvec, hvp.num_params, num_probes=4, num_iter=20,
-        ...                                dtype=hvp.dtype)
+        >>> grid, density, _ = slq_density(hvp, num_probes=4, num_iter=20)
         >>> grid.shape, density.shape
         (torch.Size([1000]), torch.Size([1000]))
         >>> round(float(torch.trapezoid(density, grid)), 3)  # ~ 1
         1.0
     """
-    res = slq(matvec, n, num_probes, num_iter, seed, dtype, device)
+    res = slq(A, num_probes, num_iter, seed)
     grid_t, sigma = _grid_and_sigma(res, grid, sigma)
     return grid_t, res.density(grid_t, sigma), res
 
@@ -800,36 +765,178 @@ class SLQCount:
 
 
 def count_from_slq(res: SLQResult, threshold: float) -> SLQCount:
-    """Count ``|lambda| > threshold`` from an existing :class:`SLQResult`."""
+    """Count ``|lambda| > threshold`` from an existing :class:`SLQResult` (the step function
+    on the Gauss nodes; :func:`interpolated_count` is the less biased rule)."""
     per_probe = res.trace_estimates(lambda t: (t.abs() > threshold).to(_F64))
     p = per_probe.numel()
     se = float(per_probe.std(unbiased=True) / math.sqrt(p)) if p > 1 else 0.0
     return SLQCount(float(per_probe.mean()), se, per_probe, float(threshold))
 
 
+def _gauss_cdf(nodes: Tensor, weights: Tensor, t: float) -> tuple[float, float, float]:
+    """``(interpolated, lower, upper)`` values at ``t`` of the CDF of the measure whose Gauss
+    rule is ``(nodes, weights)`` (one probe, weights > 0, nodes ascending).
+
+    The Chebyshev-Markov-Stieltjes inequalities bound the measure's CDF between the Gauss
+    rule's: for ``theta_k <= t < theta_{k+1}``, ``sum_{j<k} w_j <= F(t) <= sum_{j<=k+1} w_j``.
+    The estimate interpolates linearly between the midpoints ``sum_{j<k} w_j + w_k / 2`` of
+    consecutive nodes (each node's mass spread over the gaps to its neighbours), instead of
+    the step function, whose count jumps by a whole node weight as a node crosses ``t``.
+    """
+    m = nodes.numel()
+    cum = torch.cumsum(weights, 0)
+    total = float(cum[-1])
+    k = int(torch.searchsorted(nodes, torch.tensor([t], dtype=nodes.dtype), right=True)[0])
+    # k = number of nodes <= t
+    lower = float(cum[k - 2]) if k >= 2 else 0.0
+    upper = float(cum[min(k, m - 1)]) if k < m else total
+    mid = cum - weights / 2
+    if m == 1:
+        return (0.0 if t < float(nodes[0]) else total), lower, upper
+    if k == 0:  # below every node: half of w_1 spread over one gap below theta_1
+        gap = float(nodes[1] - nodes[0])
+        frac = max(0.0, 1.0 - (float(nodes[0]) - t) / gap) if gap > 0 else 0.0
+        return frac * float(mid[0]), lower, upper
+    if k == m:
+        gap = float(nodes[-1] - nodes[-2])
+        frac = min(1.0, (t - float(nodes[-1])) / gap) if gap > 0 else 1.0
+        return float(mid[-1]) + frac * (total - float(mid[-1])), lower, upper
+    a, b = float(nodes[k - 1]), float(nodes[k])
+    frac = (t - a) / (b - a) if b > a else 1.0
+    return float(mid[k - 1]) + frac * float(mid[k] - mid[k - 1]), lower, upper
+
+
+def _radau_cdf_bracket(T: Tensor, beta: float, t: float) -> tuple[float, float]:
+    """Bounds ``(lower, upper)`` on ``mu((-inf, t))`` and ``mu((-inf, t])`` for the measure
+    whose first Lanczos coefficients are ``T`` (and the next off-diagonal ``beta``), from the
+    Gauss-Radau rule with a node prescribed at ``t``.
+
+    Golub (1973): extend ``T`` by one row whose diagonal ``t + delta_k``, with ``(T - t I)
+    delta = beta^2 e_k``, makes ``t`` an eigenvalue of the extended matrix; its eigenvalues and
+    squared first eigenvector components are the nodes and weights. By the
+    Chebyshev-Markov-Stieltjes-Krein extremal property of a rule with a node at ``t``, every
+    measure with the same first moments has ``sum_{theta_j < t} w_j <= mu((-inf, t))`` and
+    ``mu((-inf, t]) <= sum_{theta_j <= t} w_j``: the bracket is the weight of the node at
+    ``t`` alone, the tightest the moments allow, and no node drifts across the threshold.
+    """
+    k = T.shape[0]
+    if beta == 0.0:  # invariant subspace: the Gauss rule is the measure itself
+        theta, S = torch.linalg.eigh(T)
+        w = S[0] ** 2
+        below = float(w[theta < t].sum())
+        return below, float(w[theta <= t].sum())
+    shifted = T - t * torch.eye(k, dtype=T.dtype)
+    rhs = torch.zeros(k, dtype=T.dtype)
+    rhs[-1] = beta**2
+    try:
+        delta = torch.linalg.solve(shifted, rhs)
+    except RuntimeError:  # t is a Ritz value: nudge it within rounding
+        delta = torch.linalg.solve(shifted - 1e-12 * max(1.0, abs(t)) * torch.eye(k, dtype=T.dtype),
+                                   rhs)
+    ext = torch.zeros(k + 1, k + 1, dtype=T.dtype)
+    ext[:k, :k] = T
+    ext[k, k - 1] = ext[k - 1, k] = beta
+    ext[k, k] = t + delta[-1]
+    theta, S = torch.linalg.eigh(ext)
+    w = S[0] ** 2
+    at = int((theta - t).abs().argmin())
+    below = float(w[theta < t].sum()) - (float(w[at]) if float(theta[at]) < t else 0.0)
+    return below, below + float(w[at])
+
+
+def radau_count(res: SLQResult, threshold: float, depths: int = 4) -> tuple[Tensor, Tensor]:
+    """Per-probe SLQ counts of ``|lambda| > threshold`` from Gauss-Radau rules with nodes
+    prescribed at ``+-threshold``, and the half-widths of their guaranteed brackets.
+
+    Each probe's quadratic form ``z^T 1[|H| > t] z / n`` equals ``mass - mu([-t, t])`` for its
+    spectral measure ``mu``. The Radau rules at ``t`` and ``-t`` bound ``mu((-inf, t])`` and
+    ``mu((-inf, -t))`` (see :func:`_radau_cdf_bracket`) at every Lanczos depth; the brackets
+    of the last ``depths`` depths are intersected (each is valid, so their intersection is)
+    and the estimate is its midpoint. The half-width bounds the quadrature error of the probe
+    in exact arithmetic; without reorthogonalisation the Gauss rules stay accurate (Knizhnerman
+    1996) and so, in practice, do the brackets.
+
+    Returns:
+        ``(counts, half_widths)``, both ``(num_probes,)`` float64.
+    """
+    if not res.tridiagonals:
+        raise ValueError("radau_count needs an SLQResult with its tridiagonal matrices.")
+    counts = torch.zeros(res.num_probes, dtype=_F64)
+    half = torch.zeros(res.num_probes, dtype=_F64)
+    scales = res.scales if res.scales is not None else torch.ones(res.num_probes, dtype=_F64)
+    betas = res.residual_betas
+    for i, T in enumerate(res.tridiagonals):
+        m = T.shape[0]
+        if m == 0:
+            continue
+        lo_in, hi_in = -math.inf, math.inf  # bracket of mu([-t, t]) (normalised to mass 1)
+        for k in range(max(1, m - depths + 1), m + 1):
+            beta = float(T[k, k - 1]) if k < m else (float(betas[i]) if betas is not None
+                                                      else 0.0)
+            Tk = T[:k, :k]
+            up_lo, up_hi = _radau_cdf_bracket(Tk, beta, threshold)  # mu(<t), mu(<=t)
+            dn_lo, dn_hi = _radau_cdf_bracket(Tk, beta, -threshold)  # mu(<-t), mu(<=-t)
+            # mu([-t, t]) = mu(<=t) - mu(<-t)
+            lo_in = max(lo_in, up_lo - dn_hi)
+            hi_in = min(hi_in, up_hi - dn_lo)
+        if hi_in < lo_in:  # rounding: the brackets barely miss each other
+            lo_in = hi_in = (lo_in + hi_in) / 2
+        scale = float(scales[i])
+        counts[i] = res.n * scale * (1.0 - (lo_in + hi_in) / 2)
+        half[i] = res.n * scale * (hi_in - lo_in) / 2
+    return counts, half
+
+
+def interpolated_count(res: SLQResult, threshold: float) -> tuple[Tensor, Tensor]:
+    """Per-probe SLQ counts of ``|lambda| > threshold`` with an interpolated CDF, and the
+    half-widths of their Chebyshev-Markov-Stieltjes brackets.
+
+    Each probe's quadratic form ``z^T 1[|H| > t] z`` is ``n (F(inf) - F(t) + F(-t^-))`` for
+    its spectral measure ``F``; the Gauss rule bounds ``F`` at ``+-t`` (see
+    :func:`_gauss_cdf`), so each probe's count lies in a bracket that depends only on the
+    nodes and weights near the threshold. The estimate is the linear interpolation of the
+    Gauss rule's midpoint CDF, which puts each node's mass where its neighbours leave room
+    for it rather than all at the node.
+
+    Returns:
+        ``(counts, half_widths)``, both ``(num_probes,)`` float64.
+    """
+    counts = torch.zeros(res.num_probes, dtype=_F64)
+    half = torch.zeros(res.num_probes, dtype=_F64)
+    for i in range(res.num_probes):
+        keep = res.weights[i] > 0
+        if not bool(keep.any()):
+            continue
+        nodes, order = res.nodes[i][keep].sort()
+        weights = res.weights[i][keep][order]
+        hi, hi_lo, hi_up = _gauss_cdf(nodes, weights, threshold)
+        # F(-t^-): the mass strictly below -t, by the same rule at -t.
+        lo, lo_lo, lo_up = _gauss_cdf(nodes, weights, -threshold)
+        total = float(weights.sum())
+        counts[i] = res.n * (total - hi + lo)
+        # count = n (total - F(t) + F(-t)): extremes at F(t) low / F(-t) high and vice versa.
+        c_max = total - hi_lo + lo_up
+        c_min = total - hi_up + lo_lo
+        half[i] = res.n * max(0.0, c_max - c_min) / 2
+    return counts, half
+
+
 def slq_count_above(
-    matvec: MatVec,
-    n: int,
+    A: LinearOperator | Tensor,
     threshold: float,
     num_probes: int = 10,
     num_iter: int = 80,
     seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-    project: Callable[[Tensor], Tensor] | None = None,
 ) -> SLQCount:
     """SLQ estimate of ``#{i : |lambda_i| > threshold}`` with its standard error.
 
     Args:
-        matvec: Symmetric operator on flat vectors of length ``n``.
-        n: Dimension.
+        A: Symmetric operator (or dense symmetric matrix); a ``ProjectedOperator`` for a
+            deflated count, see :func:`slq`.
         threshold: Absolute threshold (``>= 0``).
         num_probes: Number of Rademacher probes.
         num_iter: Lanczos steps per probe.
         seed: Seed of the probes.
-        dtype: Dtype of the vectors passed to ``matvec``.
-        device: Device of the vectors passed to ``matvec``.
-        project: Optional projector for a deflated operator, see :func:`slq`.
 
     Returns:
         An :class:`SLQCount`.
@@ -845,8 +952,7 @@ def slq_count_above(
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
         >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randint(0, 2, (16,))
         >>> hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
-        >>> c = slq_count_above(hvp.matvec, hvp.num_params, threshold=1e-3, num_probes=5,
-        ...                     dtype=hvp.dtype)
+        >>> c = slq_count_above(hvp, threshold=1e-3, num_probes=5)
         >>> c.per_probe.shape  # 5 probes: c.estimate is their mean, c.standard_error its SE
         torch.Size([5])
         >>> exact = int((torch.linalg.eigvalsh(hvp.dense()).abs() > 1e-3).sum())
@@ -855,6 +961,6 @@ def slq_count_above(
     """
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}.")
-    res = slq(matvec, n, num_probes, num_iter, seed, dtype, device, project)
+    res = slq(A, num_probes, num_iter, seed)
     return count_from_slq(res, threshold)
 

@@ -11,6 +11,11 @@ from lightning_plasticity.measures.lanczos import (
     slq_density,
     top_eigenpairs,
 )
+from lightning_plasticity.measures.linear_operator import (
+    CallableOperator,
+    MatrixOperator,
+    ProjectedOperator,
+)
 
 DT = torch.float64
 
@@ -34,7 +39,7 @@ def spectrum(n: int = 300, seed: int = 0) -> torch.Tensor:
 
 def test_lanczos_is_an_orthogonal_tridiagonalisation():
     A = rotated(spectrum(120))
-    alphas, betas, Q = lanczos(lambda v: A @ v, 120, 40)
+    alphas, betas, Q = lanczos(A, 40)
     assert alphas.shape == (40,) and betas.shape == (39,) and Q.shape == (120, 40)
     torch.testing.assert_close(Q.T @ Q, torch.eye(40, dtype=DT), atol=1e-12, rtol=0)
     T = torch.diag(alphas) + torch.diag(betas, 1) + torch.diag(betas, -1)
@@ -45,7 +50,7 @@ def test_lanczos_restarts_after_an_invariant_subspace():
     # Rank 3 with distinct eigenvalues: a random start spans an invariant subspace of
     # dimension 4 (3 eigenvectors + a null direction), then Lanczos must restart.
     A = rotated(torch.cat([torch.tensor([3.0, 2.0, 1.0]), torch.zeros(27)]).to(DT), seed=1)
-    alphas, betas, Q = lanczos(lambda v: A @ v, 30, 10)
+    alphas, betas, Q = lanczos(A, 10)
     assert Q.shape == (30, 10)
     assert (betas == 0).any()
     torch.testing.assert_close(Q.T @ Q, torch.eye(10, dtype=DT), atol=1e-12, rtol=0)
@@ -59,7 +64,7 @@ def test_top_eigenpairs_match_eigh(which, backend):
     ev = spectrum(300)
     A = rotated(ev)
     k = 3 if which == "SA" else 6
-    res = top_eigenpairs(lambda v: A @ v, 300, k, which=which, backend=backend, seed=3)
+    res = top_eigenpairs(A, k, which=which, backend=backend, seed=3)
     ref, ref_vecs = torch.linalg.eigh(A)
     order = {
         "LA": torch.argsort(ref, descending=True),
@@ -80,20 +85,20 @@ def test_top_eigenpairs_match_eigh(which, backend):
 
 def test_top_eigenpairs_float32_operator_and_validation():
     A = rotated(spectrum(200)).float()
-    res = top_eigenpairs(lambda v: A @ v, 200, 3, dtype=torch.float32)
+    res = top_eigenpairs(A, 3)
     assert res.eigenvectors.dtype == torch.float32
     torch.testing.assert_close(res.eigenvalues, torch.tensor([50.0, 40.0, 31.0], dtype=DT),
                                rtol=1e-5, atol=0)
     with pytest.raises(ValueError, match="k must be between"):
-        top_eigenpairs(lambda v: A @ v, 200, 0)
+        top_eigenpairs(A, 0)
     with pytest.raises(ValueError, match="which must be"):
-        top_eigenpairs(lambda v: A @ v, 200, 2, which="BE")  # type: ignore[arg-type]
+        top_eigenpairs(A, 2, which="BE")  # type: ignore[arg-type]
 
 
 def test_slq_density_integrates_to_one_and_has_the_right_mean():
     ev = spectrum(400, seed=2)
     A = rotated(ev, seed=2)
-    grid, density, res = slq_density(lambda v: A @ v, 400, num_probes=20, num_iter=40, seed=0)
+    grid, density, res = slq_density(A, num_probes=20, num_iter=40, seed=0)
     torch.testing.assert_close(res.weights.sum(dim=1), torch.ones(20, dtype=DT), atol=1e-10,
                                rtol=0)
     assert abs(float(torch.trapezoid(density, grid)) - 1.0) < 1e-6
@@ -110,15 +115,14 @@ def test_slq_density_integrates_to_one_and_has_the_right_mean():
 def test_slq_blocked_equals_sequential_and_is_seeded():
     A = rotated(spectrum(200))
     rng_before = torch.random.get_rng_state()
-    seq = slq(lambda v: A @ v, 200, num_probes=5, num_iter=30, seed=7)
-    blk = slq(lambda v: A @ v, 200, num_probes=5, num_iter=30, seed=7,
-              matmat=lambda V: A @ V, block_size=2)
+    seq = slq(A, num_probes=5, num_iter=30, seed=7, block_size=1)
+    blk = slq(A, num_probes=5, num_iter=30, seed=7, block_size=2)
     assert torch.equal(torch.random.get_rng_state(), rng_before)
     torch.testing.assert_close(blk.nodes, seq.nodes, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(blk.weights, seq.weights, rtol=1e-7, atol=1e-9)
-    again = slq(lambda v: A @ v, 200, num_probes=5, num_iter=30, seed=7)
+    again = slq(A, num_probes=5, num_iter=30, seed=7, block_size=1)
     assert torch.equal(again.nodes, seq.nodes)
-    other = slq(lambda v: A @ v, 200, num_probes=5, num_iter=30, seed=8)
+    other = slq(A, num_probes=5, num_iter=30, seed=8)
     assert not torch.equal(other.nodes, seq.nodes)
 
 
@@ -128,12 +132,12 @@ def test_slq_count_above_a_spectral_gap():
     g = torch.Generator().manual_seed(0)
     ev = torch.cat([5 + 5 * torch.rand(40, generator=g), 0.2 * torch.rand(460, generator=g) - 0.1])
     A = rotated(ev.to(DT), seed=4)
-    c = slq_count_above(lambda v: A @ v, 500, threshold=1.0, num_probes=30, num_iter=30)
+    c = slq_count_above(A, threshold=1.0, num_probes=30, num_iter=30)
     assert c.per_probe.shape == (30,)
     assert abs(c.estimate - 40) < max(4 * c.standard_error, 1.0)
     assert 0 < c.standard_error < 5
     with pytest.raises(ValueError, match="threshold"):
-        slq_count_above(lambda v: A @ v, 500, threshold=-1.0)
+        slq_count_above(A, threshold=-1.0)
 
 
 def test_deflated_count_via_projection():
@@ -143,11 +147,7 @@ def test_deflated_count_via_projection():
     evals, evecs = torch.linalg.eigh(A)
     V = evecs[:, -5:]  # the 5 largest
 
-    def project(x):
-        return x - V @ (V.T @ x)
-
-    res = slq(lambda v: project(A @ project(v)), 300, num_probes=20, num_iter=60,
-              project=project)
+    res = slq(ProjectedOperator(MatrixOperator(A), V), num_probes=20, num_iter=60)
     c = count_from_slq(res, threshold=5.0)
     true_rest = int((ev.abs() > 5.0).sum()) - 5
     assert abs(c.estimate - true_rest) < max(4 * c.standard_error, 1.0)
@@ -156,3 +156,46 @@ def test_deflated_count_via_projection():
     # Truncating to fewer steps reuses the tridiagonals without new products.
     half = res.truncated(30)
     assert half.nodes.shape == (20, 30) and half.num_matvecs == 0
+
+
+def test_linear_operators_agree_with_the_dense_matrix():
+    A = rotated(torch.linspace(-1, 3, 50, dtype=DT))
+    x, X = torch.randn(50, dtype=DT), torch.randn(50, 4, dtype=DT)
+    for op in (MatrixOperator(A), CallableOperator(lambda v: A @ v, 50, DT)):
+        assert op.shape == (50, 50) and op.dtype == DT
+        torch.testing.assert_close(op @ x, A @ x)
+        torch.testing.assert_close(op @ X, A @ X)
+        assert op.num_matvecs == 5
+        sp = op.to_scipy()
+        torch.testing.assert_close(torch.from_numpy(sp @ x.numpy()), A @ x)
+        torch.testing.assert_close(torch.from_numpy(sp @ X.numpy()), A @ X)
+        with pytest.raises(ValueError, match="multiplies a vector"):
+            op @ torch.ones(49, dtype=DT)
+    # Deflation: P A P with P = I - V V^T, against the explicit matrix.
+    V, _ = torch.linalg.qr(torch.randn(50, 3, dtype=DT))
+    P = torch.eye(50, dtype=DT) - V @ V.T
+    torch.testing.assert_close(ProjectedOperator(MatrixOperator(A), V) @ X, P @ A @ P @ X)
+
+
+def test_unconverged_eigenpairs_warn_and_are_flagged():
+    A = rotated(spectrum(300))
+    with pytest.warns(UserWarning, match="did not reach"):
+        res = top_eigenpairs(A, 6, which="SA", max_iter=8)
+    assert not bool(res.converged.all())
+
+
+def test_sa_eigenpairs_converge_at_the_default_depth_on_a_hessian():
+    # The case: which="SA" on a network Hessian (k=20) converged only partly.
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lightning_plasticity.measures import HessianVectorProduct
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 40), nn.Tanh(), nn.Linear(40, 5)).double()
+    x, y = torch.randn(128, 20, dtype=DT), torch.randint(0, 5, (128,))
+    hvp = HessianVectorProduct(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+    res = top_eigenpairs(hvp, 20, which="SA")
+    assert bool(res.converged.all())
+    exact = torch.linalg.eigvalsh(hvp.dense())[:20]
+    torch.testing.assert_close(res.eigenvalues, exact, rtol=1e-6, atol=1e-9)
