@@ -4,7 +4,7 @@ Runs ``lightning-plasticity fit --config recipes/quickstart.yaml`` as a subproce
 once with the given callbacks appended (``--trainer.callbacks+=<Name>``), alternating for
 ``--repeats`` rounds so both see the same machine load, and prints the ratio of the best wall
 times and the extra time per task in units of one task's share of the plain wall time. The runs
-write into a temporary folder. Target for ``HessianRankCallback``: <= 1.10.
+write into a temporary folder. Target for ``HessianRankCallback``: <= 1.15.
 
 Usage::
 

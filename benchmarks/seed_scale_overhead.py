@@ -6,13 +6,12 @@ in this process with one torch thread, alternating plain and measured runs for `
 rounds. For each callback it prints the seconds per task spent inside its measurements (timed
 around ``MeasurementCallback.measure_now``, the part that does not drown in run-to-run noise of
 a few-second fit) with the ratio they imply against plain training, and the raw ratio of the best
-wall times. ``HessianRankCallback`` is left out by default
-(at defaults it costs minutes per task start on this model, the subject of issue 11); add it with
-``--callbacks HessianRankCallback``.
+wall times. Targets: ``HessianRankCallback`` (the whole model's eps-rank at every task start)
+at most 1.5.
 
 Usage::
 
-    .venv/bin/python benchmarks/seed_scale_overhead.py               # the issue-4/9 callbacks
+    .venv/bin/python benchmarks/seed_scale_overhead.py               # every callback
     .venv/bin/python benchmarks/seed_scale_overhead.py --tasks 2 --callbacks KFACCallback
 """
 
@@ -29,9 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plasticity_study import mnist_root  # noqa: E402 - the study's offline MNIST copy
 
-DEFAULT = ["UnitActivityCallback", "FeatureRankCallback", "ParameterStatsCallback",
-           "GradientInterferenceCallback", "KFACCallback", "ENTKCallback",
-           "PlasticityProbeCallback"]
+DEFAULT = ["HessianRankCallback", "UnitActivityCallback", "FeatureRankCallback",
+           "ParameterStatsCallback", "GradientInterferenceCallback", "KFACCallback",
+           "ENTKCallback", "PlasticityProbeCallback"]
 
 
 MEASURED: dict[str, float] = {}

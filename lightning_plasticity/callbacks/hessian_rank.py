@@ -40,8 +40,8 @@ class HessianRankCallback(MeasurementCallback):
     interval is known, predicted from a timed forward and backward pass and the data module's
     ``steps_per_task``), never below 300 products (fewer give a biased count; where even 300
     exceed the cap, a note says what the measurement costs, and ``every_n_tasks`` is the way to
-    spend less). Fewer products give a wider ``hessian_eps_rank_error``. ``curvature/measure_seconds/hessian_rank`` logs what each
-    measurement took.
+    spend less). Fewer products give a wider ``hessian_eps_rank_error``.
+    ``curvature/measure_seconds/hessian_rank`` logs what each measurement took.
 
     The loss is the module's own: ``loss_fn(pl_module, batch)`` if given, else its
     ``plasticity_loss(batch)``, else its ``training_step`` (logging suppressed). The model is

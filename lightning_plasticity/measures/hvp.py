@@ -10,6 +10,7 @@ about one backward pass and no forward pass.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -171,8 +172,9 @@ class HessianVectorProduct(LinearOperator):
             trainable parameters.
         reduce: Optional cross-rank average applied to every returned tensor.
         batched: Compute block products (:meth:`matmat`, :meth:`dense`) with one vmapped
-            double backward per ``max_batch`` columns (``is_grads_batched``); falls back to a
-            loop of products if the model contains an operation vmap cannot batch.
+            double backward per ``max_batch`` columns (``is_grads_batched``) where that is
+            faster per vector than a loop of products (timed on the first block); a loop if
+            the model contains an operation vmap cannot batch.
         max_batch: Columns per vmapped product (memory grows with it).
 
     Raises:
@@ -259,8 +261,9 @@ class HessianVectorProduct(LinearOperator):
         self._grads: list[Tensor | None] | None = list(grads)
         self._diff_index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self._gradient: Tensor | None = None
-        # Block products use one vmapped double backward (several times faster than a loop
-        # for small models); None until tried, False if the model has an op vmap rejects.
+        # Block products use one vmapped double backward where that is faster per vector than
+        # a loop (timed on the first block); None until tried, False if slower or if the
+        # model has an op vmap rejects.
         self._batched_ok: bool | None = None if batched else False
         self.max_batch = max(1, int(max_batch))
 
@@ -327,7 +330,12 @@ class HessianVectorProduct(LinearOperator):
         return torch.cat(cols, dim=1).T.detach()
 
     def _matmat_raw(self, V: Tensor) -> Tensor:
-        """``H V`` on this rank, without ``reduce``: batched when the model supports it."""
+        """``H V`` on this rank, without ``reduce``: batched where that is faster per vector.
+
+        The first block of at least 4 columns is computed both ways and timed: the vmapped
+        double backward wins on GPUs and on wide layers, a loop of single products often on a
+        few CPU threads (``benchmarks/hvp_cost.py``); the faster one serves every later block.
+        """
         k = V.shape[1]
         out = torch.empty_like(V)
         start = 0
@@ -336,8 +344,11 @@ class HessianVectorProduct(LinearOperator):
             block = V[:, start:stop]
             if self._batched_ok is not False and stop - start > 1:
                 try:
-                    out[:, start:stop] = self._matmat_batched(block)
-                    self._batched_ok = True
+                    if self._batched_ok is None and stop - start >= 4:
+                        out[:, start:stop] = self._race(block)
+                    else:
+                        out[:, start:stop] = self._matmat_batched(block)
+                        self._batched_ok = True
                     start = stop
                     continue
                 except RuntimeError:
@@ -348,6 +359,23 @@ class HessianVectorProduct(LinearOperator):
                 out[:, j] = self._hvp_raw(V[:, j])
             start = stop
         return out
+
+    def _race(self, block: Tensor) -> Tensor:
+        """Compute ``H block`` batched and looped, keep the faster way (``_batched_ok``)."""
+        def timed(fn: Callable[[], Tensor]) -> tuple[Tensor, float]:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            result = fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return result, time.perf_counter() - start
+
+        batched, t_batched = timed(lambda: self._matmat_batched(block))
+        _, t_loop = timed(lambda: torch.stack(
+            [self._hvp_raw(block[:, j]) for j in range(block.shape[1])], dim=1))
+        self._batched_ok = t_batched <= t_loop
+        return batched
 
     # ------------------------------------------------------------------ public API
     @property
