@@ -51,6 +51,8 @@ def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tanh", "relu", "cnn"])
+    parser.add_argument("--states", nargs="+", default=["init", "trained"],
+                        choices=["init", "trained"])
     parser.add_argument("--eps", type=float, nargs="+", default=[1e-3, 1e-2])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200)
@@ -72,6 +74,8 @@ def main() -> None:
         model = build(name)
         n = sum(p.numel() for p in model.parameters())
         for state in ("init", "trained"):
+            if state not in args.states:
+                continue
             if state == "trained":
                 opt = torch.optim.Adam(model.parameters(), 1e-3)
                 g = torch.Generator().manual_seed(1)
@@ -110,7 +114,7 @@ def main() -> None:
 
     print("\nmodel state    eps     mean|err|  covered")
     for name in args.models:
-        for state in ("init", "trained"):
+        for state in args.states:
             for eps in args.eps:
                 sel = [r for r in rows if r[:3] == (name, state, eps)]
                 mean_err = 100 * statistics.mean(abs(r[3]) for r in sel)

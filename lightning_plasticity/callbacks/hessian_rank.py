@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -9,6 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.probe import ModuleLossFn
@@ -38,9 +40,13 @@ class HessianRankCallback(MeasurementCallback):
     estimate with its error bar. ``max_overhead`` caps the estimate's Hessian-vector products
     at that fraction of the training time between two measurements (timed; before the first
     interval is known, predicted from a timed forward and backward pass and the data module's
-    ``steps_per_task``), never below 300 products (fewer give a biased count; where even 300
-    exceed the cap, a note says what the measurement costs, and ``every_n_tasks`` is the way to
-    spend less). Fewer products give a wider ``hessian_eps_rank_error``.
+    ``steps_per_task``), never below 300 products (fewer give a biased count). Where even 300
+    cost more than ``max_overhead`` of the training between two scheduled points (tasks of a
+    fraction of a second, as in the quickstart), it measures at every ``k``-th point instead,
+    with ``k`` the smallest stride that keeps the average within the cap, and says so once;
+    ``max_overhead=None`` measures at every point whatever it costs, and makes the schedule
+    and the product count independent of the machine's speed. Fewer products give a wider
+    ``hessian_eps_rank_error``.
     ``curvature/measure_seconds/hessian_rank`` logs what each measurement took.
 
     The loss is the module's own: ``loss_fn(pl_module, batch)`` if given, else its
@@ -150,6 +156,45 @@ class HessianRankCallback(MeasurementCallback):
         self.last_n_layers, self.max_dense_params = last_n_layers, max_dense_params
         self.num_matvecs, self.max_overhead = num_matvecs, max_overhead
         self.top_k, self.overlap = top_k, overlap
+        self._stride, self._pending = 1, 0  # measure at every _stride-th scheduled point
+
+    @override
+    def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: str,
+                    task_id: int) -> dict[str, Any] | None:
+        """Measure, or pass this scheduled point when measuring every one would exceed
+        ``max_overhead`` (see the class docstring)."""
+        if self._pending + 1 < self._stride:
+            self._pending += 1
+            return None
+        events, self._pending = self._pending + 1, 0
+        record = super().measure_now(trainer, pl_module, event, task_id)
+        if record is None or self.max_overhead is None or not self.interval_seconds:
+            return record
+        # The training one scheduled point buys, against what a measurement costs (the max
+        # over ranks already); every rank must take the same stride.
+        per_event = self.interval_seconds / events
+        stride = max(1, math.ceil(record[self.cost_key] / (self.max_overhead * per_event)))
+        if trainer.world_size > 1:
+            stride = int(trainer.strategy.reduce(torch.tensor(float(stride)), reduce_op="max"))
+        if stride > 1 and stride != self._stride:
+            self._note_once(
+                f"one measurement takes {record[self.cost_key]:.2f} s and the training between "
+                f"two scheduled points {per_event:.2f} s: to stay within max_overhead="
+                f"{self.max_overhead} it measures at every {stride}th of them (at least 300 "
+                "Hessian-vector products keep the estimate unbiased). Set max_overhead=None to "
+                "measure at every point")
+        self._stride = stride
+        return record
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "stride": self._stride, "pending": self._pending}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._stride = int(state_dict.get("stride", 1))
+        self._pending = int(state_dict.get("pending", 0))
 
     def _state_key_args(self) -> dict[str, Any]:
         return {**super()._state_key_args(), "eps": self.eps, "method": self.method,
@@ -213,7 +258,6 @@ class HessianRankCallback(MeasurementCallback):
 
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                 reduce: Callable[[Tensor], Tensor] | None) -> list[Any]:
-        self._started = time.perf_counter()
         params = self._params(pl_module)
         max_seconds = self._max_seconds(trainer, pl_module, batch, params)
         if max_seconds is not None and trainer.world_size > 1:
@@ -224,17 +268,6 @@ class HessianRankCallback(MeasurementCallback):
                                   relative=self.relative, method=self.method, params=params,
                                   reduce=reduce, max_dense_params=self.max_dense_params,
                                   num_matvecs=self.num_matvecs, max_seconds=max_seconds)
-        if (max_seconds is not None and result.method == "lanczos"
-                and result.num_matvecs >= MIN_EPS_RANK_MATVECS
-                and self.interval_seconds is not None):
-            spent = time.perf_counter() - self._started
-            if spent > 2 * max_seconds:
-                self._note_once(
-                    f"a measurement takes {spent:.2f} s, {spent / self.interval_seconds:.0%} of "
-                    f"the training between measurements (max_overhead={self.max_overhead}): "
-                    f"the estimate needs at least {MIN_EPS_RANK_MATVECS} Hessian-vector "
-                    "products to be unbiased. Measure less often (every_n_tasks=...) or a "
-                    "smaller block (modules=... / last_n_layers=...) to spend less")
         top = result.eigenvalues.sort(descending=True).values[: self.top_k]
         out: list[Any] = [result, {"spectrum:hessian_top_eigenvalues": top}]
         if self.overlap:

@@ -37,6 +37,12 @@ from lightning_plasticity.measures.kfac import (
     kfac_factors,
     kfac_spectrum,
 )
+from lightning_plasticity.measures.linear_operator import (
+    CallableOperator,
+    LinearOperator,
+    MatrixOperator,
+    ProjectedOperator,
+)
 from lightning_plasticity.measures.parameter_selection import select_parameters
 from lightning_plasticity.measures.parameter_stats import (
     ParameterStats,
@@ -71,6 +77,10 @@ __all__ = [
     "EpsRank",
     "HessianEigenpairs",
     "HessianVectorProduct",
+    "CallableOperator",
+    "LinearOperator",
+    "MatrixOperator",
+    "ProjectedOperator",
     "SpectralDensity",
     "eps_rank_of_matrix",
     "hessian_eigenvalues",

@@ -332,7 +332,7 @@ class HessianVectorProduct(LinearOperator):
     def _matmat_raw(self, V: Tensor) -> Tensor:
         """``H V`` on this rank, without ``reduce``: batched where that is faster per vector.
 
-        The first block of at least 4 columns is computed both ways and timed: the vmapped
+        The first block is computed both ways and timed: the vmapped
         double backward wins on GPUs and on wide layers, a loop of single products often on a
         few CPU threads (``benchmarks/hvp_cost.py``); the faster one serves every later block.
         """
@@ -344,7 +344,7 @@ class HessianVectorProduct(LinearOperator):
             block = V[:, start:stop]
             if self._batched_ok is not False and stop - start > 1:
                 try:
-                    if self._batched_ok is None and stop - start >= 4:
+                    if self._batched_ok is None:
                         out[:, start:stop] = self._race(block)
                     else:
                         out[:, start:stop] = self._matmat_batched(block)

@@ -538,7 +538,7 @@ def _multi_lanczos(
     for j in range(m):
         if Q is not None:
             Q[:, j] = q
-        W = (A @ q.T.to(dtype)).to(device=device, dtype=bdt).T.contiguous()  # (p, n)
+        W = (A @ q.T.to(dtype).contiguous()).to(device=device, dtype=bdt).T.contiguous()
         a = (q * W).sum(dim=1)
         if not bool(torch.isfinite(a).all()):
             raise FloatingPointError(

@@ -204,7 +204,8 @@ class ProjectedOperator(LinearOperator):
             raise ValueError(
                 f"the deflation basis must have shape ({base.n}, d), got {tuple(basis.shape)}.")
         super().__init__(base.n, base.dtype, base.device)
-        self.base, self.basis = base, basis.to(base.device)
+        self.base, self.basis = base, basis.to(base.device).contiguous()
+        self._basis_t = self.basis.T.contiguous()  # V^T x is the hot product: keep it dense
         self.assume_projected = assume_projected
 
     @property
@@ -215,8 +216,11 @@ class ProjectedOperator(LinearOperator):
         """``P x`` for a vector or a block (in the basis' dtype)."""
         if self.basis.shape[1] == 0:
             return x
-        x = x.to(self.basis.dtype)
-        return x - self.basis @ (self.basis.T @ x)
+        x = x.to(self.basis.dtype).contiguous()
+        coefficients = self._basis_t @ x
+        if x.dim() == 1:
+            return torch.addmv(x, self.basis, coefficients, alpha=-1)
+        return torch.addmm(x, self.basis, coefficients, alpha=-1)
 
     def _matvec(self, x: Tensor) -> Tensor:
         if not self.assume_projected:

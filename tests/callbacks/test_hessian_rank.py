@@ -169,3 +169,25 @@ def test_max_overhead_caps_the_estimate() -> None:
     assert cheap["curvature/hessian_eps_rank_error"] > full["curvature/hessian_eps_rank_error"]
     with pytest.raises(ValueError, match="max_overhead must be > 0"):
         HessianRankCallback(max_overhead=0)
+
+
+def test_measurements_are_spaced_when_one_costs_more_than_max_overhead() -> None:
+    # Tasks of 5 steps train for a few milliseconds: 300 products cost far more than 10% of
+    # that, so the callback measures at every k-th task start (k > 1), says so, and resumes
+    # the same spacing from its state.
+    cb = HessianRankCallback(probe_size=32, method="lanczos", max_overhead=0.1, overlap=False)
+    with pytest.warns(UserWarning, match=r"measures at every \d+th of them"):
+        fast_trainer(callbacks=[cb], limit_val_batches=0).fit(
+            small_classifier(), datamodule=small_stream(num_tasks=6))
+    measured = [h["task"] for h in cb.history]
+    assert measured[:2] == [0, 1] and len(measured) < 6
+    assert cb._stride > 1
+    state = cb.state_dict()
+    again = HessianRankCallback(probe_size=32, method="lanczos", max_overhead=0.1)
+    again.load_state_dict(state)
+    assert (again._stride, again._pending) == (cb._stride, cb._pending)
+    every = HessianRankCallback(probe_size=32, method="lanczos", max_overhead=None,
+                                overlap=False)
+    fast_trainer(callbacks=[every], limit_val_batches=0).fit(
+        small_classifier(), datamodule=small_stream(num_tasks=3))
+    assert [h["task"] for h in every.history] == [0, 1, 2]
