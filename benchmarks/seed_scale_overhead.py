@@ -34,6 +34,7 @@ DEFAULT = ["HessianRankCallback", "UnitActivityCallback", "FeatureRankCallback",
 
 
 MEASURED: dict[str, float] = {}
+COUNTS: dict[str, int] = {}  # measurements made in the last fit
 
 
 def fit(data_dir: str, tasks: int, steps: int, callback: str | None) -> float:
@@ -72,7 +73,10 @@ def fit(data_dir: str, tasks: int, steps: int, callback: str | None) -> float:
     dm.setup("fit")  # load MNIST before the clock starts
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    for c in callbacks:
+        COUNTS[type(c).__name__] = len(c.history)
+    return seconds
 
 
 def main() -> None:
@@ -99,7 +103,8 @@ def main() -> None:
             walls[name] = min(walls.get(name, wall), wall)
             inside[name] = min(inside.get(name, MEASURED.get(name, 0.0)),
                                MEASURED.get(name, 0.0))
-            print(f"{name}: {wall:.1f} s, {MEASURED.get(name, 0.0):.2f} s measuring", flush=True)
+            print(f"{name}: {wall:.1f} s, {MEASURED.get(name, 0.0):.2f} s measuring "
+                  f"({COUNTS.get(name, 0)} measurements)", flush=True)
     base = min(plain)
     print(f"\nMNIST MLP 784-100-100-10 (89,610 parameters), {args.tasks} tasks x {args.steps} "
           f"Adam steps; plain {base:.1f} s ({base / args.tasks:.2f} s a task; runs "

@@ -120,7 +120,7 @@ class HessianRankCallback(MeasurementCallback):
         last_n_layers: int | None = None,
         max_dense_params: int = DEFAULT_MAX_DENSE_PARAMS,
         num_matvecs: int = DEFAULT_EPS_RANK_MATVECS,
-        max_overhead: float | None = 0.25,
+        max_overhead: float | None = 0.5,
         top_k: int = 20,
         overlap: bool = True,
         probe_size: int = 256,
@@ -150,7 +150,7 @@ class HessianRankCallback(MeasurementCallback):
                              f"{MIN_EPS_RANK_MATVECS}, got {num_matvecs}.")
         if max_overhead is not None and not max_overhead > 0:
             raise ValueError("HessianRankCallback: max_overhead must be > 0 (a fraction of the "
-                             f"training time, e.g. 0.25) or None, got {max_overhead}.")
+                             f"training time, e.g. 0.5) or None, got {max_overhead}.")
         self.eps, self.relative, self.method = eps, relative, method
         self.modules = list(modules) if modules is not None else None
         self.last_n_layers, self.max_dense_params = last_n_layers, max_dense_params

@@ -675,8 +675,10 @@ def hessian_eps_rank(
                 per_product = float(reduce(torch.tensor(per_product, dtype=_F64,
                                                         device=hvp.device)))
             if max_seconds is not None:
+                # Each product also pays the Lanczos vector work (reorthogonalisation against
+                # the deflation basis, projections): about as much again on CPU-sized models.
                 budget = max(MIN_EPS_RANK_MATVECS,
-                             min(budget, int(max_seconds / per_product)))
+                             min(budget, int(max_seconds / (2 * per_product))))
             if method == "auto":
                 method = "lanczos"
                 try:
