@@ -38,7 +38,6 @@ from lightning_plasticity.measures.lanczos import (
     _grid_and_sigma,
     _LanczosProcess,
     count_from_slq,
-    interpolated_count,
     radau_count,
     slq,
     top_eigenpairs,
@@ -348,7 +347,7 @@ def _deflated_slq_count(
     seed: int,
     tol: float | None,
     reorthogonalize: bool = False,
-    rule: str = "interpolated",
+    rule: str = "depth",
     block_size: int = 8,
 ) -> _DeflatedSLQ:
     """Deflated SLQ count of ``|lambda| > threshold`` for a symmetric operator.
@@ -424,13 +423,7 @@ def _slq_count(res: SLQResult, threshold: float, rule: str) -> tuple[float, floa
         p = counts.numel()
         se = float(counts.std(unbiased=True) / math.sqrt(p)) if p > 1 else 0.0
         return float(counts.mean()), se, float(half.mean()) / 2
-    counts, half = interpolated_count(res, threshold)
-    p = counts.numel()
-    se = float(counts.std(unbiased=True) / math.sqrt(p)) if p > 1 else 0.0
-    # The brackets bound each probe's quadrature error; their mean bounds the average's.
-    # The interpolated estimate errs far less than the bracket allows: a third of it is
-    # the error scale that covers the measured errors (benchmarks/hessian_eps_rank.py).
-    return float(counts.mean()), se, float(half.mean()) / 3
+    raise ValueError(f"rule must be 'depth', 'step' or 'radau', got {rule!r}.")
 
 
 def _depth_averaged_count(res: SLQResult, threshold: float) -> tuple[float, float, float]:

@@ -773,39 +773,6 @@ def count_from_slq(res: SLQResult, threshold: float) -> SLQCount:
     return SLQCount(float(per_probe.mean()), se, per_probe, float(threshold))
 
 
-def _gauss_cdf(nodes: Tensor, weights: Tensor, t: float) -> tuple[float, float, float]:
-    """``(interpolated, lower, upper)`` values at ``t`` of the CDF of the measure whose Gauss
-    rule is ``(nodes, weights)`` (one probe, weights > 0, nodes ascending).
-
-    The Chebyshev-Markov-Stieltjes inequalities bound the measure's CDF between the Gauss
-    rule's: for ``theta_k <= t < theta_{k+1}``, ``sum_{j<k} w_j <= F(t) <= sum_{j<=k+1} w_j``.
-    The estimate interpolates linearly between the midpoints ``sum_{j<k} w_j + w_k / 2`` of
-    consecutive nodes (each node's mass spread over the gaps to its neighbours), instead of
-    the step function, whose count jumps by a whole node weight as a node crosses ``t``.
-    """
-    m = nodes.numel()
-    cum = torch.cumsum(weights, 0)
-    total = float(cum[-1])
-    k = int(torch.searchsorted(nodes, torch.tensor([t], dtype=nodes.dtype), right=True)[0])
-    # k = number of nodes <= t
-    lower = float(cum[k - 2]) if k >= 2 else 0.0
-    upper = float(cum[min(k, m - 1)]) if k < m else total
-    mid = cum - weights / 2
-    if m == 1:
-        return (0.0 if t < float(nodes[0]) else total), lower, upper
-    if k == 0:  # below every node: half of w_1 spread over one gap below theta_1
-        gap = float(nodes[1] - nodes[0])
-        frac = max(0.0, 1.0 - (float(nodes[0]) - t) / gap) if gap > 0 else 0.0
-        return frac * float(mid[0]), lower, upper
-    if k == m:
-        gap = float(nodes[-1] - nodes[-2])
-        frac = min(1.0, (t - float(nodes[-1])) / gap) if gap > 0 else 1.0
-        return float(mid[-1]) + frac * (total - float(mid[-1])), lower, upper
-    a, b = float(nodes[k - 1]), float(nodes[k])
-    frac = (t - a) / (b - a) if b > a else 1.0
-    return float(mid[k - 1]) + frac * float(mid[k] - mid[k - 1]), lower, upper
-
-
 def _radau_cdf_bracket(T: Tensor, beta: float, t: float) -> tuple[float, float]:
     """Bounds ``(lower, upper)`` on ``mu((-inf, t))`` and ``mu((-inf, t])`` for the measure
     whose first Lanczos coefficients are ``T`` (and the next off-diagonal ``beta``), from the
@@ -884,40 +851,6 @@ def radau_count(res: SLQResult, threshold: float, depths: int = 4) -> tuple[Tens
         scale = float(scales[i])
         counts[i] = res.n * scale * (1.0 - (lo_in + hi_in) / 2)
         half[i] = res.n * scale * (hi_in - lo_in) / 2
-    return counts, half
-
-
-def interpolated_count(res: SLQResult, threshold: float) -> tuple[Tensor, Tensor]:
-    """Per-probe SLQ counts of ``|lambda| > threshold`` with an interpolated CDF, and the
-    half-widths of their Chebyshev-Markov-Stieltjes brackets.
-
-    Each probe's quadratic form ``z^T 1[|H| > t] z`` is ``n (F(inf) - F(t) + F(-t^-))`` for
-    its spectral measure ``F``; the Gauss rule bounds ``F`` at ``+-t`` (see
-    :func:`_gauss_cdf`), so each probe's count lies in a bracket that depends only on the
-    nodes and weights near the threshold. The estimate is the linear interpolation of the
-    Gauss rule's midpoint CDF, which puts each node's mass where its neighbours leave room
-    for it rather than all at the node.
-
-    Returns:
-        ``(counts, half_widths)``, both ``(num_probes,)`` float64.
-    """
-    counts = torch.zeros(res.num_probes, dtype=_F64)
-    half = torch.zeros(res.num_probes, dtype=_F64)
-    for i in range(res.num_probes):
-        keep = res.weights[i] > 0
-        if not bool(keep.any()):
-            continue
-        nodes, order = res.nodes[i][keep].sort()
-        weights = res.weights[i][keep][order]
-        hi, hi_lo, hi_up = _gauss_cdf(nodes, weights, threshold)
-        # F(-t^-): the mass strictly below -t, by the same rule at -t.
-        lo, lo_lo, lo_up = _gauss_cdf(nodes, weights, -threshold)
-        total = float(weights.sum())
-        counts[i] = res.n * (total - hi + lo)
-        # count = n (total - F(t) + F(-t)): extremes at F(t) low / F(-t) high and vice versa.
-        c_max = total - hi_lo + lo_up
-        c_min = total - hi_up + lo_lo
-        half[i] = res.n * max(0.0, c_max - c_min) / 2
     return counts, half
 
 

@@ -29,7 +29,8 @@ from tests.data.helpers import fast_trainer, flat_params
 def all_callbacks() -> list[pl.Callback]:
     return [KFACCallback(probe_size=32, on_task_end=True, every_n_train_steps=2),
             ENTKCallback(probe_size=16, on_task_end=True, every_n_train_steps=3),
-            HessianRankCallback(probe_size=32, on_task_end=True, every_n_train_steps=4),
+            HessianRankCallback(probe_size=32, on_task_end=True, every_n_train_steps=4,
+                                max_overhead=None),
             UnitActivityCallback(probe_size=32, every_n_train_steps=3),
             FeatureRankCallback(probe_size=32, on_task_end=True),
             ParameterStatsCallback(on_task_start=True),
@@ -200,7 +201,8 @@ def test_non_finite_results_are_logged_as_such() -> None:
         def plasticity_loss(self, batch):  # noqa: ANN001, ANN201
             return (self.net(batch[0]) * 0.0).sum()
 
-    cb = HessianRankCallback(probe_size=8, method="dense", last_n_layers=1)
+    cb = HessianRankCallback(probe_size=8, method="dense", last_n_layers=1,
+                             max_overhead=None)
     with pytest.warns(UserWarning, match="non-finite values .*grad_hessian_overlap"):
         trainer = fast_trainer(callbacks=[cb], limit_val_batches=0)
         trainer.fit(Flat(), datamodule=small_stream(num_tasks=1))

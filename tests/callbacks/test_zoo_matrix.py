@@ -35,7 +35,7 @@ MAX_STEPS = 4
 CALLBACKS: dict[str, Callable[[], MeasurementCallback]] = {
     # The last layer: the whole model (the default) of a ResNet-18 takes minutes on a CPU.
     "HessianRankCallback": lambda: HessianRankCallback(probe_size=8, top_k=5,
-                                                       last_n_layers=1),
+                                                       last_n_layers=1, max_overhead=None),
     "KFACCallback": lambda: KFACCallback(probe_size=8),
     "ENTKCallback": lambda: ENTKCallback(probe_size=4),
     "UnitActivityCallback": lambda: UnitActivityCallback(probe_size=16),
@@ -111,7 +111,7 @@ def test_manual_optimization_measures_with_a_loss_fn_and_never_steps() -> None:
     trainer_plain, plain = fit(entry, max_steps=MAX_STEPS)
     callbacks = [KFACCallback(probe_size=8, loss_fn=loss_fn),
                  UnitActivityCallback(probe_size=16, loss_fn=loss_fn),
-                 HessianRankCallback(probe_size=8, loss_fn=loss_fn)]
+                 HessianRankCallback(probe_size=8, loss_fn=loss_fn, max_overhead=None)]
     trainer, measured = fit(entry, callbacks=callbacks, max_steps=MAX_STEPS)
     assert all(len(cb.history) == 2 for cb in callbacks)
     step_count = [s["step"] for s in trainer.optimizers[0].state_dict()["state"].values()]

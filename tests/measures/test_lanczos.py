@@ -199,3 +199,22 @@ def test_sa_eigenpairs_converge_at_the_default_depth_on_a_hessian():
     assert bool(res.converged.all())
     exact = torch.linalg.eigvalsh(hvp.dense())[:20]
     torch.testing.assert_close(res.eigenvalues, exact, rtol=1e-6, atol=1e-9)
+
+
+def test_radau_brackets_contain_each_probes_exact_count():
+    # The Gauss-Radau bracket is a guarantee (Chebyshev-Markov-Stieltjes-Krein): each probe's
+    # exact z^T 1[|A| > t] z lies within half_width of its estimate, at any depth.
+    from lightning_plasticity.measures.lanczos import _generator, _rademacher, radau_count
+
+    ev = spectrum(300, seed=5)
+    A = rotated(ev, seed=5)
+    evals, evecs = torch.linalg.eigh(A)
+    for t, num_iter in ((5.0, 40), (0.3, 25), (0.3, 60)):
+        res = slq(A, num_probes=6, num_iter=num_iter, seed=2, reorthogonalize=True)
+        counts, half = radau_count(res, t)
+        g = _generator(2)
+        probes = [_rademacher(300, g, "cpu") for _ in range(6)]
+        projector = (evecs * (evals.abs() > t).to(DT)) @ evecs.T
+        exact = torch.stack([z @ projector @ z for z in probes])
+        assert bool(((counts - exact).abs() <= half + 1e-6).all()), (t, num_iter)
+        assert float(half.mean()) < 0.5 * 300
