@@ -277,11 +277,9 @@ class MeasurementCallback(Callback):
                    for k, v in list(metrics.items()) if k.startswith("spectrum:")}
         scalars = {f"{self.prefix}/{k}": float(v) for k, v in metrics.items()
                    if not k.startswith("spectrum:")}
-        seconds = time.perf_counter() - started
-        if trainer.world_size > 1:  # what the run pays is the slowest rank: log the same value
-            seconds = float(trainer.strategy.reduce(torch.tensor(seconds, dtype=torch.float64),
-                                                    reduce_op="max"))
-        scalars[self.cost_key] = seconds
+        # This rank's wall time (no collective: one here would have to match on every rank
+        # even where a rank's measurement failed alone).
+        scalars[self.cost_key] = time.perf_counter() - started
         bad = [k for k, v in scalars.items() if not math.isfinite(v)]
         if bad:
             self._note_once(f"non-finite values ({', '.join(bad[:4])}"

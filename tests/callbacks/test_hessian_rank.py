@@ -125,7 +125,7 @@ def test_ddp_equals_one_process_on_the_same_probe(tmp_path: Path) -> None:
     for name in ("HessianRankCallback", "KFACCallback"):
         one, two = single[name][0], ddp[0][name][0]
         for key, value in one.items():
-            if "measure_seconds" in key:  # wall time: per run, the max over ranks
+            if "measure_seconds" in key:  # wall time: differs between runs
                 assert two[key] > 0
             elif key.endswith("eps_rank") or key in ("task", "step", "event"):
                 assert two[key] == value, key
