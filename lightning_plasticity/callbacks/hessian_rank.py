@@ -180,7 +180,7 @@ class HessianRankCallback(MeasurementCallback):
             self._note_once(
                 f"one measurement takes {record[self.cost_key]:.2f} s and the training between "
                 f"two scheduled points {per_event:.2f} s: to stay within max_overhead="
-                f"{self.max_overhead} it measures at every {stride}th of them (at least 300 "
+                f"{self.max_overhead} it measures at one in every {stride} of them (at least 300 "
                 "Hessian-vector products keep the estimate unbiased). Set max_overhead=None to "
                 "measure at every point")
         self._stride = stride

@@ -176,7 +176,7 @@ def test_measurements_are_spaced_when_one_costs_more_than_max_overhead() -> None
     # that, so the callback measures at every k-th task start (k > 1), says so, and resumes
     # the same spacing from its state.
     cb = HessianRankCallback(probe_size=32, method="lanczos", max_overhead=0.1, overlap=False)
-    with pytest.warns(UserWarning, match=r"measures at every \d+th of them"):
+    with pytest.warns(UserWarning, match=r"measures at one in every \d+ of them"):
         fast_trainer(callbacks=[cb], limit_val_batches=0).fit(
             small_classifier(), datamodule=small_stream(num_tasks=6))
     measured = [h["task"] for h in cb.history]
