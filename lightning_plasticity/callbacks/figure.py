@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_plasticity.core.process_group import destroy_process_group_at_exit
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -51,6 +53,11 @@ class FigureCallback(Callback):
                     task_id: int) -> None:
         if self.every_n_tasks is not None and (task_id + 1) % self.every_n_tasks == 0:
             self._write(trainer, self._folder(trainer), log_to_wandb=False)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:  # every worker, spawned ones included
+            destroy_process_group_at_exit()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -38,6 +38,7 @@ from lightning_plasticity.callbacks.probe import (
     record_loss_pass,
     select_probe_batch,
 )
+from lightning_plasticity.core.process_group import destroy_process_group_at_exit
 from lightning_plasticity.core.record import HeadOutput
 from lightning_plasticity.core.reduction import Reducer
 from lightning_plasticity.core.schedule import StepSchedule, TaskSchedule
@@ -328,6 +329,11 @@ class MeasurementCallback(Callback):
             self._measured_at_fit_start = True
             self._note_schedule()
             self.measure_now(trainer, pl_module, "fit_start", self._task_id(trainer))
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:  # every worker, spawned ones included
+            destroy_process_group_at_exit()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_plasticity.callbacks.log_now import log_now
+from lightning_plasticity.core.process_group import destroy_process_group_at_exit
 from lightning_plasticity.core.schedule import StepSchedule, TaskSchedule
 from lightning_plasticity.data.seeding import derive_seed
 
@@ -80,6 +81,11 @@ class SeededIntervention(Callback):
     def log_now(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         """Log under ``intervention/`` straight to the loggers at the current step."""
         log_now(trainer, {f"{INTERVENTION_PREFIX}/{k}": float(v) for k, v in metrics.items()})
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:  # every worker, spawned ones included
+            destroy_process_group_at_exit()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -406,10 +406,7 @@ class WassersteinInitRegularizer(_InitAnchorMixin):
             if name not in cache:
                 cache[name] = anchor.flatten().sort().values.reshape(anchor.shape)
             sorted_anchors.append(cache[name])
-        if not hasattr(self, "_wasserstein_orders"):
-            self._wasserstein_orders: dict[int, Tensor] = {}  # a cache: not in checkpoints
-        return wasserstein_init_penalty(params, sorted_anchors, anchors_sorted=True,
-                                        orders=self._wasserstein_orders)
+        return wasserstein_init_penalty(params, sorted_anchors, anchors_sorted=True)
 
     @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
