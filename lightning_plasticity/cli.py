@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning.pytorch as pl
@@ -122,12 +123,78 @@ def package_message(error: BaseException) -> str | None:
     return None
 
 
+def study_main(argv: list[str]) -> int:
+    """``lightning-plasticity study --config STUDY.yaml``: run a study's grid (see
+    :mod:`lightning_plasticity.study`); returns the exit status (1 if a cell failed)."""
+    import argparse
+
+    from lightning_plasticity.study import load_study_spec, run_study
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-plasticity study",
+        description="Run every cell (recipe x method variant x seed) of a study that is not "
+                    "finished yet, each as its own `lightning-plasticity fit` process.")
+    parser.add_argument("--config", required=True, help="the study file (YAML)")
+    parser.add_argument("--out", help="study folder (default runs/studies/<name>)")
+    parser.add_argument("--jobs", type=int, default=1, help="cells at once (local)")
+    parser.add_argument("--executor", default="local",
+                        choices=["local", "submitit-local", "slurm"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every cell, e.g. data.init_args.num_tasks=5")
+    parser.add_argument("--cell-timeout", type=float, help="seconds before a cell is killed")
+    parser.add_argument("--dry-run", action="store_true", help="write the grid, run nothing")
+    parser.add_argument("--report", action="store_true", help="write the report afterwards")
+    args = parser.parse_args(argv)
+    extra = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        extra[key.removeprefix("--")] = value
+    try:
+        spec = load_study_spec(args.config)
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
+    result = run_study(spec, args.out, jobs=args.jobs, executor=args.executor,
+                       extra_args=extra, cell_timeout=args.cell_timeout, dry_run=args.dry_run)
+    print(result.summary())
+    if args.report and not args.dry_run:
+        from lightning_plasticity.study.report import write_report
+
+        print(f"report: {write_report(result.study_dir, metrics=spec.report.get('metrics'))}")
+    return 0 if result.ok else 1
+
+
+def report_main(argv: list[str]) -> int:
+    """``lightning-plasticity report DIR``: figures and a Markdown report of a study or run."""
+    import argparse
+
+    from lightning_plasticity.study.report import write_report
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-plasticity report",
+        description="Draw the figures and write report.md from a study folder or from any "
+                    "folder holding runs (metrics.csv and histories.json), finished or not.")
+    parser.add_argument("path", help="a study folder or a run's log folder")
+    parser.add_argument("--out", help="where to write (default <path>/report)")
+    parser.add_argument("--metrics", nargs="*", help="more per-task metrics to plot")
+    args = parser.parse_args(argv)
+    if not Path(args.path).is_dir():
+        parser.error(f"no folder {args.path!r}")
+    print(write_report(args.path, args.out, metrics=args.metrics))
+    return 0
+
+
 def main() -> None:
     """Entry point of the ``lightning-plasticity`` console script.
 
+    ``fit``/``validate``/... are LightningCLI's; ``study`` and ``report`` are the package's.
     A class that rejects its arguments shows its own message, not jsonargparse's union-error
     traceback (``LP_TRACEBACK=1`` shows that too).
     """
+    if len(sys.argv) > 1 and sys.argv[1] in ("study", "report"):
+        command = study_main if sys.argv[1] == "study" else report_main
+        raise SystemExit(command(sys.argv[2:]))
     try:
         run_cli()
     except (ValueError, TypeError) as err:

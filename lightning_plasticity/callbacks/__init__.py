@@ -4,6 +4,7 @@ from lightning_plasticity.callbacks.entk import ENTKCallback
 from lightning_plasticity.callbacks.feature_rank import FeatureRankCallback
 from lightning_plasticity.callbacks.gradient_interference import GradientInterferenceCallback
 from lightning_plasticity.callbacks.hessian_rank import HessianRankCallback
+from lightning_plasticity.callbacks.history_writer import HistoryWriter
 from lightning_plasticity.callbacks.kfac import KFACCallback
 from lightning_plasticity.callbacks.measurement import MeasurementCallback, MeasurementSkipped
 from lightning_plasticity.callbacks.measurements_plot import MeasurementsPlot
@@ -27,6 +28,7 @@ __all__ = [
     "FeatureRankCallback",
     "GradientInterferenceCallback",
     "HessianRankCallback",
+    "HistoryWriter",
     "KFACCallback",
     "MeasurementCallback",
     "MeasurementSkipped",

@@ -12,6 +12,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_plasticity.models.base import ContinualNetwork
+from lightning_plasticity.models.categorical_regression import (
+    BinnedNetworkFactory,
+    categorical_regression_loss,
+    expected_value,
+    target_distribution,
+)
 from lightning_plasticity.models.mlp import MLP
 
 #: Builds a network from ``(input_shape, num_outputs)``; in YAML, a class path plus init args.
@@ -205,14 +211,39 @@ class ContinualClassifier(_ContinualModule):
 
 class ContinualRegressor(_ContinualModule):
     """A regressor for ``random_targets``, ``slowly_changing_regression`` and other regression
-    streams (mean squared error over all outputs).
+    streams: mean squared error, or a scale-invariant categorical loss.
 
-    Args: as :class:`ContinualClassifier` (without ``label_smoothing``); ``num_outputs`` is the
-    number of regression targets.
+    With ``loss="mse"`` (default) the network has one output per target and the loss is the mean
+    squared error over all outputs. With ``loss="hl_gauss"`` or ``"two_hot"`` each target is
+    classified over ``num_bins`` bins spanning ``value_range``: the network has
+    ``num_outputs * num_bins`` outputs (``num_bins`` consecutive logits per target), the training
+    loss is the cross-entropy with the target's HL-Gauss or two-hot distribution, and predictions
+    are the expected bin center (:meth:`decode`). This is Lyle et al.'s fix for plasticity loss
+    from large regression targets ("Disentangling the causes of plasticity loss in neural
+    networks", arXiv:2402.18762, 2024), with HL-Gauss from Imani & White 2018 / Farebrother et
+    al. 2024 ("Stop regressing") and two-hot from Schrittwieser et al. 2020 (MuZero); see
+    :mod:`lightning_plasticity.models.categorical_regression`. The bins' outermost *centers* are
+    ``value_range`` (``endpoints="centers"`` there). ``task/val_loss`` is always the mean squared
+    error of the decoded predictions, so runs with different losses compare directly;
+    ``training_step`` and :meth:`plasticity_loss` (the measurement callbacks') use the training
+    loss.
+
+    Args: as :class:`ContinualClassifier` (without ``label_smoothing``), plus:
+        num_outputs: number of regression targets (the network gets ``num_outputs * num_bins``
+            outputs with a categorical loss); taken from the data module if omitted.
+        loss: ``"mse"``, ``"hl_gauss"`` or ``"two_hot"``.
+        value_range: ``(value_min, value_max)`` of the bins, required for the categorical
+            losses; targets outside it are clipped. ``random_targets`` are
+            ``target_mean + target_scale * z`` with ``z`` standardised, so e.g.
+            ``(target_mean - 4 * target_scale, target_mean + 4 * target_scale)``.
+        num_bins: bins per target of the categorical losses (at least 2).
+        sigma: HL-Gauss standard deviation in target units; default 0.75 bin widths
+            (Farebrother et al. 2024). Only for ``loss="hl_gauss"``.
 
     Example::
 
         >>> import tempfile
+        >>> import torch
         >>> from lightning.pytorch import Trainer
         >>> from lightning_plasticity.data import ContinualDataModule
         >>> from lightning_plasticity.models import ContinualRegressor
@@ -230,13 +261,97 @@ class ContinualRegressor(_ContinualModule):
         (4, 2)
         >>> "task/val_loss" in trainer.callback_metrics
         True
+
+        A categorical loss: 2 targets, 11 bins each.
+
+        >>> model = ContinualRegressor(input_shape=(4,), num_outputs=2, loss="hl_gauss",
+        ...                            value_range=(-5.0, 5.0), num_bins=11)
+        >>> outputs = model(torch.zeros(3, 4))
+        >>> outputs.shape, model.decode(outputs).shape
+        (torch.Size([3, 22]), torch.Size([3, 2]))
+        >>> model.loss(outputs, torch.zeros(3, 2)).ndim
+        0
     """
 
     is_regressor = True
 
+    def __init__(
+        self,
+        network: NetworkFactory | None = None,
+        input_shape: Sequence[int] | None = None,
+        num_outputs: int | None = None,
+        optimizer: OptimizerName = "adam",
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        loss: Literal["mse", "hl_gauss", "two_hot"] = "mse",
+        value_range: tuple[float, float] | None = None,
+        num_bins: int = 51,
+        sigma: float | None = None,
+    ) -> None:
+        if loss not in ("mse", "hl_gauss", "two_hot"):
+            raise ValueError(f"Unknown loss {loss!r}. Choose 'mse', 'hl_gauss' or 'two_hot'.")
+        if loss == "mse":
+            if value_range is not None or sigma is not None:
+                raise ValueError(
+                    "value_range and sigma only apply to loss='hl_gauss' or 'two_hot'; drop them "
+                    "or choose a categorical loss.")
+            factory = network
+            bins: tuple[float, float] | None = None
+        else:
+            if value_range is None or len(value_range) != 2:
+                raise ValueError(
+                    f"loss={loss!r} needs value_range=(value_min, value_max), the range its "
+                    f"{num_bins} bins span (targets outside are clipped); got {value_range!r}.")
+            bins = (float(value_range[0]), float(value_range[1]))
+            if loss == "two_hot" and sigma is not None:
+                raise ValueError(
+                    f"sigma={sigma!r} only applies to loss='hl_gauss'; drop it for 'two_hot'.")
+            # Checks num_bins, value_range and sigma with the same messages as the loss itself.
+            target_distribution(torch.zeros(1), *bins, num_bins, kind=loss, sigma=sigma)
+            factory = BinnedNetworkFactory(network if network is not None else MLP, num_bins)
+        # hparams record the arguments as given (network, num_outputs = number of targets):
+        # save_hyperparameters lets this frame's arguments override the base class's.
+        super().__init__(factory, input_shape, num_outputs, optimizer, lr, betas, eps,
+                         weight_decay, momentum)
+        self.loss_kind = loss
+        self.value_range = bins
+        self.num_bins = num_bins
+        self.sigma = sigma
+
+    def _logits(self, outputs: Tensor) -> Tensor:
+        if outputs.shape[-1] % self.num_bins:
+            raise ValueError(
+                f"loss={self.loss_kind!r} needs num_targets * num_bins network outputs, got "
+                f"{outputs.shape[-1]} for num_bins={self.num_bins}; let the regressor build the "
+                "network (pass the factory as network=...).")
+        return outputs.reshape(*outputs.shape[:-1], -1, self.num_bins)
+
+    def decode(self, outputs: Tensor) -> Tensor:
+        """Predictions from network outputs: the outputs themselves for ``loss="mse"``, else
+        the expected bin center per target, shape ``(batch, num_targets)``."""
+        if self.value_range is None:
+            return outputs
+        return expected_value(self._logits(outputs), *self.value_range, self.num_bins)
+
     @override
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
+        if self.value_range is None:
+            return F.mse_loss(outputs, targets.reshape(outputs.shape).to(outputs.dtype))
+        logits = self._logits(outputs)
+        return categorical_regression_loss(
+            logits, targets.reshape(logits.shape[:-1]), *self.value_range, self.num_bins,
+            kind=self.loss_kind, sigma=self.sigma)  # type: ignore[arg-type]
+
+    @override
+    def _val_metrics(self, outputs: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.value_range is None:
+            return super()._val_metrics(outputs, y)
+        predictions = self.decode(outputs)
+        return {"val_loss": F.mse_loss(predictions, y.reshape(predictions.shape).to(
+            predictions.dtype))}
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:

@@ -1,5 +1,11 @@
 """Plasticity regularizers: pure penalty functions and LightningModule mixins."""
 
+from lightning_plasticity.regularizers.classifiers import (
+    L2Classifier,
+    L2ERClassifier,
+    L2InitClassifier,
+    WassersteinInitClassifier,
+)
 from lightning_plasticity.regularizers.mixins import (
     INIT_ANCHOR_KEY,
     L2ERRegularizer,
@@ -20,6 +26,10 @@ from lightning_plasticity.regularizers.penalties import (
 
 __all__ = [
     "INIT_ANCHOR_KEY",
+    "L2Classifier",
+    "L2ERClassifier",
+    "L2InitClassifier",
+    "WassersteinInitClassifier",
     "L2ERRegularizer",
     "L2InitRegularizer",
     "L2InitWassersteinClassifier",
