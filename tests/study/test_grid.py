@@ -85,7 +85,7 @@ def test_bad_study_files_say_what_to_change(tmp_path: Path, study: dict, message
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("study", sorted((REPO / "recipes" / "reproduce").glob("*/study.yaml")),
+@pytest.mark.parametrize("study", sorted((REPO / "recipes").glob("**/study.yaml")),
                          ids=lambda p: p.parent.name)
 def test_shipped_studies_expand(study: Path) -> None:
     cells = expand_study(load_study_spec(study))
