@@ -535,22 +535,27 @@ def seed_stats(cells: Iterable[CellResult], key: str) -> SeedStats:
 
 
 def window_mean(series: dict[int, float], which: Literal["first", "last"],
-                n: int = 10) -> float:
-    """Mean of ``series`` over its first or last ``n`` tasks (all of them if fewer); NaN if
-    empty."""
+                n: int = 10, tasks: Iterable[int] | None = None) -> float:
+    """Mean of ``series`` over the first or last ``n`` tasks (all of them if fewer); NaN if none.
+
+    ``tasks`` are the run's task ids (default: the keys of ``series``): the window is the first
+    or last ``n`` of those, so a metric measured every k-th task is averaged over the
+    measurements that fall in the window, not over its first or last ``n`` measurements.
+    """
     if which not in ("first", "last"):
         raise ValueError(f"window_mean: which must be 'first' or 'last', got {which!r}.")
     if n < 1:
         raise ValueError(f"window_mean: n must be >= 1, got {n}.")
-    tasks = sorted(series)
-    chosen = tasks[:n] if which == "first" else tasks[-n:]
-    return float(np.mean([series[t] for t in chosen])) if chosen else math.nan
+    ids = sorted(set(series) if tasks is None else set(tasks) | set(series))
+    window = ids[:n] if which == "first" else ids[-n:]
+    chosen = [series[t] for t in window if t in series]
+    return float(np.mean(chosen)) if chosen else math.nan
 
 
 def window_stats(cells: Iterable[CellResult], key: str, which: Literal["first", "last"],
                  n: int = 10) -> tuple[float, float, int]:
     """``(mean, std, seeds)`` over the finished ``cells`` of each one's :func:`window_mean`."""
-    means = [window_mean(task_series(c.run, key), which, n) for c in cells
+    means = [window_mean(task_series(c.run, key), which, n, c.run.task_ids()) for c in cells
              if c.ok and c.run is not None]
     means = [m for m in means if math.isfinite(m)]
     if not means:

@@ -255,6 +255,11 @@ def test_seed_stats_and_windows(tiny_study: TinyStudy) -> None:
     assert window_stats(cells, "end_accuracy", "first", n=2) == pytest.approx(
         (firsts.mean(), firsts.std(), 2))
     assert window_mean({0: 1.0, 1: 2.0, 5: 6.0}, "last", n=2) == 4.0
+    # Measured every 4th task of 40: the window is over tasks, not over measurements.
+    every_4th = {t: float(t) for t in range(0, 40, 4)}
+    assert window_mean(every_4th, "first", n=10, tasks=range(40)) == 4.0  # tasks 0, 4, 8
+    assert window_mean(every_4th, "last", n=10, tasks=range(40)) == 34.0  # tasks 32, 36
+    assert math.isnan(window_mean({0: 1.0}, "last", n=2, tasks=range(5)))
     # The failed variant has no seed: NaN, not an error.
     failed = study.groups("tiny")[("l2", "l2_coef=10")]
     assert math.isnan(window_stats(failed, "end_accuracy", "last")[0])
