@@ -494,13 +494,19 @@ def task_series(run: Run, key: str) -> dict[int, float]:
     return {int(t): float(v) for t, v in sorted(values.items()) if math.isfinite(v)}
 
 
-def score_key(cells: Iterable[CellResult]) -> Literal["end_accuracy", "end_loss"]:
-    """``"end_loss"`` where ``cells`` have task-end losses but no accuracy (regression streams
-    log none), else ``"end_accuracy"``."""
+def score_key(cells: Iterable[CellResult]) -> Literal["end_accuracy", "val_loss", "end_loss"]:
+    """What a study scores its runs by: ``"end_accuracy"`` where the runs log it, else (regression
+    streams) ``"val_loss"``, the module's validation loss on the task's held-out examples at the
+    task's end, where logged: ``ContinualRegressor`` reports the mean squared error of its
+    prediction there whatever it trains with (MSE, HL-Gauss, two-hot), so losses compare; else
+    ``"end_loss"``, the training loss over the task's last batches."""
     runs = [c.run for c in cells if c.run is not None]
     if any(task_series(r, "end_accuracy") for r in runs):
         return "end_accuracy"
-    return "end_loss" if any(task_series(r, "end_loss") for r in runs) else "end_accuracy"
+    for key in ("val_loss", "end_loss"):
+        if any(task_series(r, key) for r in runs):
+            return key  # type: ignore[return-value]
+    return "end_accuracy"
 
 
 @dataclass

@@ -51,6 +51,7 @@ __all__ = ["sanitize", "write_report"]
 
 _SPECTRUM = "hessian_top_eigenvalues"
 _LABELS = {"end_accuracy": "task-end accuracy", "end_loss": "task-end loss",
+           "val_loss": "validation MSE at task end",
            "eps_rank": "eps-rank at task start",
            "normalized_eps_rank": "normalized eps-rank at task start"}
 

@@ -294,6 +294,20 @@ def test_regression_runs_are_scored_by_loss(tmp_path: Path) -> None:
     assert lasts == {"reg0": 0.5, "reg1": 0.2, "reg2": 0.9}
 
 
+def test_regression_prefers_the_validation_mse_over_the_training_loss(tmp_path: Path) -> None:
+    """A categorical loss trains on cross-entropy: runs are compared by the validation MSE."""
+    for k, (train, val) in enumerate([((2.0, 2.1), (0.5, 0.6)), ((0.1, 0.1), (9.0, 8.0))]):
+        folder = tmp_path / "runs" / f"reg{k}" / "version_0"
+        folder.mkdir(parents=True)
+        rows = "".join(f"{t},{t * 5 + 4},{a},\n{t},{t * 5 + 4},,{b}\n"
+                       for t, (a, b) in enumerate(zip(train, val)))
+        (folder / "metrics.csv").write_text("epoch,step,task/end_loss,task/val_loss\n" + rows)
+    study = load_study(tmp_path / "runs")
+    assert score_key(study.done()) == "val_loss"
+    lasts = {g.recipe: g.last_score[0] for g in summarize(study, n=1)}
+    assert lasts == {"reg0": 0.6, "reg1": 8.0}
+
+
 def test_spearman_matches_scipy_on_the_collected_points(tiny_study: TinyStudy) -> None:
     xs, ys = [], []
     for cid, history in tiny_study.hessian.items():
