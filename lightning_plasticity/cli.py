@@ -185,16 +185,70 @@ def report_main(argv: list[str]) -> int:
     return 0
 
 
+def dashboard_main(argv: list[str]) -> int:
+    """``lightning-plasticity dashboard --entity E --project P``: save the plasticity workspace
+    of a wandb project (see :mod:`lightning_plasticity.dashboard`); ``--dry-run`` prints its
+    specification as JSON instead, without network."""
+    import argparse
+
+    from lightning_plasticity.dashboard import (
+        DEFAULT_NAME,
+        DashboardUnavailable,
+        build_workspace,
+        dry_run_json,
+        save_workspace,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-plasticity dashboard",
+        description="Create a saved wandb workspace for a project: task performance, "
+                    "curvature, units and features, parameters and interventions, every "
+                    "panel against task/id. Run it once; every run of the project shows in it.")
+    parser.add_argument("--entity", required=True, help="wandb user or team")
+    parser.add_argument("--project", required=True, help="wandb project")
+    parser.add_argument("--name", default=DEFAULT_NAME, help="the workspace's name")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the workspace specification as JSON; contact nothing")
+    args = parser.parse_args(argv)
+    try:
+        if args.dry_run:
+            text, from_library = dry_run_json(args.entity, args.project, args.name)
+            if not from_library:
+                print("lightning-plasticity dashboard: wandb-workspaces is not installed "
+                      "(pip install 'lightning-plasticity[dashboard]'): printing the layout, "
+                      "not the wandb workspace.", file=sys.stderr)
+            print(text)
+            return 0
+        workspace = build_workspace(args.entity, args.project, args.name)
+    except ValueError as err:
+        parser.error(str(err))
+    except DashboardUnavailable as err:
+        print(f"lightning-plasticity dashboard: {err}", file=sys.stderr)
+        return 2
+    try:
+        url = save_workspace(workspace)
+    except Exception as err:  # no account, no network, a wrong entity or project
+        print(f"lightning-plasticity dashboard: wandb could not save the workspace "
+              f"({type(err).__name__}: {err}). Log in with `wandb login` (or set "
+              "WANDB_API_KEY) and check --entity and --project.", file=sys.stderr)
+        return 1
+    print(f"saved the workspace {args.name!r} of {args.entity}/{args.project}: {url}")
+    return 0
+
+
+_COMMANDS = {"study": study_main, "report": report_main, "dashboard": dashboard_main}
+
+
 def main() -> None:
     """Entry point of the ``lightning-plasticity`` console script.
 
-    ``fit``/``validate``/... are LightningCLI's; ``study`` and ``report`` are the package's.
+    ``fit``/``validate``/... are LightningCLI's; ``study``, ``report`` and ``dashboard`` are the
+    package's.
     A class that rejects its arguments shows its own message, not jsonargparse's union-error
     traceback (``LP_TRACEBACK=1`` shows that too).
     """
-    if len(sys.argv) > 1 and sys.argv[1] in ("study", "report"):
-        command = study_main if sys.argv[1] == "study" else report_main
-        raise SystemExit(command(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] in _COMMANDS:
+        raise SystemExit(_COMMANDS[sys.argv[1]](sys.argv[2:]))
     try:
         run_cli()
     except (ValueError, TypeError) as err:

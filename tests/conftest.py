@@ -32,3 +32,15 @@ def torchvision_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for archive in (source / name / "raw").glob("*.gz"):
             shutil.copy(archive, root / name / "raw" / archive.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    """A finished small quickstart run through the CLI (``tests/quickstart_runs.py``), offline
+    wandb included: ``(folder, completed process)``. Tests must not write into the folder."""
+    from tests.quickstart_runs import run_quickstart
+
+    folder = tmp_path_factory.mktemp("quickstart")
+    done = run_quickstart(folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder, done

@@ -11,7 +11,9 @@ from lightning_plasticity.callbacks.measurements_plot import MeasurementsPlot
 from lightning_plasticity.callbacks.parameter_stats import ParameterStatsCallback
 from lightning_plasticity.callbacks.plasticity_probe import PlasticityProbeCallback
 from lightning_plasticity.callbacks.task_metrics_plot import TaskMetricsPlot
+from lightning_plasticity.callbacks.task_progress import TaskProgressBar
 from lightning_plasticity.callbacks.unit_activity import UnitActivityCallback
+from lightning_plasticity.callbacks.wandb_task_axis import WandbTaskAxis
 
 # From the submodules, not the package: see lightning_plasticity/interventions/__init__.py.
 from lightning_plasticity.interventions.continual_backprop import ContinualBackprop
@@ -36,5 +38,7 @@ __all__ = [
     "ParameterStatsCallback",
     "PlasticityProbeCallback",
     "TaskMetricsPlot",
+    "TaskProgressBar",
     "UnitActivityCallback",
+    "WandbTaskAxis",
 ]
