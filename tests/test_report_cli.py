@@ -67,6 +67,7 @@ def test_report_of_a_run_killed_mid_way(killed_run: Path, tmp_path: Path) -> Non
 
     report = _report(killed_run, tmp_path / "report").read_text()
     assert "Spearman's rho: not available" in report  # two finished tasks are too few
+    assert "1 run(s) with metrics (quickstart: 2 tasks)" in report  # not "finished"
 
 
 def test_report_of_a_killed_run_without_histories(killed_run: Path, tmp_path: Path) -> None:

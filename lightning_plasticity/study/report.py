@@ -294,8 +294,14 @@ def write_report(path: str | os.PathLike | Study, out_dir: str | os.PathLike | N
             notes.append(f"No finished run has `{name}`: no {file}.")
 
     done, total = len(study.done()), len(study.cells)
+    if study.is_study:
+        collected = f"{done} of {total} cells finished with metrics."
+    else:  # run folders have no status: a run may have been interrupted, show its tasks
+        tasks = ", ".join(f"{c.recipe}: {len(c.run.tasks)} tasks" for c in study.done()
+                          if c.run is not None)
+        collected = f"{done} run(s) with metrics ({tasks})."
     lines = [f"# Study report: {study.name}", "",
-             f"Collected from `{study.path}`: {done} of {total} cells finished with metrics.",
+             f"Collected from `{study.path}`: {collected}",
              f"Table values: mean ± std over seeds of each seed's mean over its first or last "
              f"{window} tasks; eps-rank at task start.", ""]
     for recipe in study.recipes():
