@@ -110,6 +110,11 @@ def _per_task_figure(study: Study, summaries: list[GroupSummary], key: str | Non
             else:
                 ax.plot(stats.tasks, stats.mean, color=color, lw=0.8, alpha=0.35)
         ax.set(title=recipe, xlabel="task", ylabel=_LABELS.get(recipe_key, recipe_key))
+        means = np.concatenate([line.get_ydata() for line in ax.get_lines()] or [[1.0]])
+        means = means[np.isfinite(means)]
+        if (recipe_key.endswith("loss") and means.size and means.min() > 0
+                and means.max() / means.min() > 100):
+            ax.set_yscale("log")  # losses over decades: one method's start hides the rest
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
