@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -63,14 +64,62 @@ def _last_checkpoint(cell_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _claim(folder: Path) -> bool:
+    """Take the cell's lock (``.lock``: host and pid); False while a live process holds it.
+
+    Two runners on one study (a second ``--jobs`` process, or a local run beside a cluster
+    run on a shared disk) then never run a cell twice at once; a dead holder's lock is taken
+    over.
+    """
+    lock = folder / ".lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            host, _, pid = lock.read_text().partition(" ")
+            alive = True
+            if host == socket.gethostname():
+                try:
+                    os.kill(int(pid), 0)
+                except (ProcessLookupError, ValueError):
+                    alive = False
+                except PermissionError:
+                    pass
+            if alive:
+                return False
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me)
+        return True
+    return False
+
+
 def run_cell(cell: dict[str, Any], cell_dir: str, executable: list[str],
              env: dict[str, str] | None = None, timeout: float | None = None) -> dict[str, Any]:
     """Run one cell (``cell`` as in ``cell.json``) in ``cell_dir``; return its status.
 
-    Module-level and on plain data, so ``submitit`` can pickle it to a cluster node.
+    Skips a cell another runner finished meanwhile (``"skipped": True``) or is running now
+    (``state == "elsewhere"``). Module-level and on plain data, so ``submitit`` can pickle it
+    to a cluster node.
     """
     folder = Path(cell_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    if not _claim(folder):
+        return {"state": "elsewhere", "returncode": None, "seconds": 0.0}
+    try:
+        status = _read_json(folder / "status.json") or {}
+        recorded = _read_json(folder / "cell.json") or {}
+        if status.get("state") == "done" and recorded.get("command") == cell["command"]:
+            return {**status, "skipped": True}
+        return _run_claimed(cell, folder, executable, env, timeout)
+    finally:
+        (folder / ".lock").unlink(missing_ok=True)
+
+
+def _run_claimed(cell: dict[str, Any], folder: Path, executable: list[str],
+                 env: dict[str, str] | None, timeout: float | None) -> dict[str, Any]:
     command = executable + cell["command"][1:]
     resume = _last_checkpoint(folder)
     if resume is not None:  # an interrupted cell: continue where it stopped
@@ -184,6 +233,11 @@ def run_study(spec: StudySpec, study_dir: str | os.PathLike | None = None, *, jo
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
     def finished(cell: Cell, status: dict[str, Any]) -> None:
+        if status.get("skipped") or status["state"] == "elsewhere":
+            result.skipped.append(cell.id)
+            print(f"study: {cell.id}: done or running in another runner", file=sys.stderr,
+                  flush=True)
+            return
         (result.ran if status["state"] == "done" else result.failed).append(cell.id)
         print(f"study: {cell.id}: {status['state']} in {status['seconds']:.0f} s",
               file=sys.stderr, flush=True)

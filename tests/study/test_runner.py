@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_plasticity.study import load_study_spec, run_study
+from lightning_plasticity.study import load_study_spec, run_cell, run_study
 
 # Writes what a recipe writes (runs/<name>/version_0/metrics.csv), records its arguments, and
 # fails for seed 1 unless the file `heal` exists next to the study.
@@ -128,3 +128,39 @@ def test_bad_arguments(study: Path) -> None:
         run_study(load_study_spec(study), study.parent / "out", jobs=0)
     with pytest.raises(ValueError, match="executor must be"):
         run_study(load_study_spec(study), study.parent / "out", executor="pbs")  # type: ignore
+
+
+def test_two_runners_never_run_a_cell_twice(study: Path) -> None:
+    # A live process holds the lock of one cell (another runner), a dead one the lock of another.
+    out = study.parent / "out"
+    run_study(load_study_spec(study), out, dry_run=True)
+    busy = out / "cells" / "r__plain__default__seed0"
+    stale = out / "cells" / "r__plain__default__seed1"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        import socket
+
+        (busy / ".lock").write_text(f"{socket.gethostname()} {holder.pid}")
+        (stale / ".lock").write_text(f"{socket.gethostname()} {dead.pid}")
+        (out / "heal").write_text("")
+        result = run_study(load_study_spec(study), out, executable=fake(study))
+    finally:
+        holder.kill()
+    assert "r__plain__default__seed0" in result.skipped  # running elsewhere
+    assert not (busy / "calls.txt").exists()
+    assert "r__plain__default__seed1" in result.ran  # the stale lock was taken over
+    assert not (stale / ".lock").exists()
+
+
+def test_a_cell_finished_by_another_runner_meanwhile_is_skipped(study: Path) -> None:
+    out = study.parent / "out"
+    (study.parent / "out").mkdir()
+    first = run_study(load_study_spec(study), out, executable=fake(study))
+    assert first.ran
+    cell = next(iter(first.ran))
+    spec = json.loads((out / "cells" / cell / "cell.json").read_text())
+    status = run_cell(spec, str(out / "cells" / cell), fake(study))
+    assert status.get("skipped") and status["state"] == "done"
+    assert len((out / "cells" / cell / "calls.txt").read_text().splitlines()) == 1
