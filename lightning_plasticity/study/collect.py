@@ -394,9 +394,11 @@ def _load_cell_run(folder: Path) -> tuple[Run | None, str | None]:
 
 # ---------------------------------------------------------------------------- reading a study
 def _study_cells(path: Path, spec: dict[str, Any]) -> list[CellResult]:
+    # The grid of study.json, as last run: folders outside it (results moved aside when a
+    # cell's command changed, cells of an earlier grid) are not part of this study.
     listed = [c for c in spec.get("cells") or [] if isinstance(c, dict) and c.get("id")]
-    ids = list(dict.fromkeys([str(c["id"]) for c in listed] + sorted(
-        p.name for p in (path / "cells").glob("*") if p.is_dir())))
+    ids = [str(c["id"]) for c in listed] or sorted(
+        p.name for p in (path / "cells").glob("*") if p.is_dir() and ".stale-" not in p.name)
     by_id = {str(c["id"]): c for c in listed}
     cells = []
     for cell_id in ids:

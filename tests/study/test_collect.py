@@ -337,3 +337,17 @@ def test_bad_paths_say_what_to_pass(tmp_path: Path) -> None:
         load_study(tmp_path)
     with pytest.raises(ValueError, match="'first' or 'last'"):
         window_mean({0: 1.0}, "middle")  # type: ignore[arg-type]
+
+
+def test_only_the_grid_of_study_json_is_collected(tmp_path: Path) -> None:
+    """Folders moved aside (``.stale-*``) or left from an earlier grid are not this study."""
+    cell = {"id": "r__plain__default__seed0", "recipe": "r", "method": "plain",
+            "variant": "default", "seed": 0}
+    (tmp_path / "study.json").write_text(json.dumps({"name": "s", "cells": [cell]}))
+    for name in (cell["id"], cell["id"] + ".stale-1", "r__old__default__seed0"):
+        run = tmp_path / "cells" / name / "runs" / "x" / "version_0"
+        run.mkdir(parents=True)
+        (run / "metrics.csv").write_text("epoch,step,task/end_accuracy\n0,4,0.5\n")
+        (tmp_path / "cells" / name / "status.json").write_text('{"state": "done"}')
+    study = load_study(tmp_path)
+    assert [c.id for c in study.cells] == [cell["id"]]
