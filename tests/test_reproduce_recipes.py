@@ -75,7 +75,8 @@ def test_each_recipe_and_method_runs_at_smoke_scale(study: Path, data_dir: Path,
         assert len(runs) == 1, cell.id
         histories = json.loads((runs[0] / "histories.json").read_text())
         assert len(histories["tasks"]) == 2, cell.id
-        assert histories["measurements"], cell.id  # every recipe measures something
+        if "reproduce" in study.parts:  # every paper's recipe measures something
+            assert histories["measurements"], cell.id
         assert (runs[0] / "metrics.csv").is_file()
 
 
