@@ -51,18 +51,23 @@ def reference_penalty(params: list[torch.Tensor], sorted_anchors: list[torch.Ten
     return total
 
 
+def fresh_mlp() -> tuple[nn.Module, list[torch.Tensor], list[torch.Tensor], torch.optim.Adam]:
+    """The seeded MLP 784-100-100-10, its parameters, sorted anchors and Adam."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                          nn.Linear(100, 10))
+    params = list(model.parameters())
+    anchors = [p.detach().flatten().sort().values.view(p.shape) for p in params]
+    return model, params, anchors, torch.optim.Adam(params, lr=1e-3)
+
+
 def make_loop(mode: str, steps: int, coef: float = 1e-2):
     """A closure that trains a fresh MLP for ``steps`` steps and returns seconds per step."""
     torch.manual_seed(0)
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
 
     def run() -> float:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-                              nn.Linear(100, 10))
-        params = list(model.parameters())
-        anchors = [p.detach().flatten().sort().values.view(p.shape) for p in params]
-        opt = torch.optim.Adam(params, lr=1e-3)
+        model, params, anchors, opt = fresh_mlp()
         start = time.perf_counter()
         for _ in range(steps):
             loss = F.cross_entropy(model(x), y)
@@ -82,12 +87,7 @@ def make_loop(mode: str, steps: int, coef: float = 1e-2):
 def profile_step() -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-                          nn.Linear(100, 10))
-    params = list(model.parameters())
-    anchors = [p.detach().flatten().sort().values.view(p.shape) for p in params]
-    opt = torch.optim.Adam(params, lr=1e-3)
+    model, params, anchors, opt = fresh_mlp()
     x, y = torch.randn(64, 784), torch.randint(0, 10, (64,))
 
     def step() -> None:

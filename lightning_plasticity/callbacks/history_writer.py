@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_plasticity.callbacks.measurement import MeasurementCallback
+from lightning_plasticity.core.json_file import write_json
 
 __all__ = ["HistoryWriter", "histories_of", "to_json"]
 
@@ -126,16 +125,8 @@ class HistoryWriter(Callback):
     def _write(self, trainer: pl.Trainer, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / self.filename
-        text = json.dumps(histories_of(trainer), allow_nan=False)
         # Atomic: a reader (or a run killed mid-write) never sees half a file.
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.filename}.", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json(path, histories_of(trainer), allow_nan=False)
         self.last_path = path
 
     @override

@@ -11,4 +11,6 @@ No Lightning import here. One home for each piece:
   input and output, and :class:`~.record.HeadOutput`, a module whose output is the head output
   recorded while the user's own loss runs.
 * :mod:`.initialization` — fresh, seeded re-initialisation of a copy.
+* :mod:`.json_file` — JSON state files read tolerantly and written atomically.
+* :mod:`.process_group` — the default process group destroyed before the interpreter exits.
 """

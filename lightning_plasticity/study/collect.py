@@ -24,7 +24,6 @@ task's start (``eps_rank``, ``num_params``, ``normalized_eps_rank``) in front.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from lightning_plasticity.core.json_file import read_json
 
 __all__ = [
     "CellResult",
@@ -75,13 +76,6 @@ def _float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _top_level_scalars(path: Path) -> dict[str, str]:
@@ -352,7 +346,7 @@ def _load_versions(path: Path, name: str, versions: Sequence[Path]) -> Run:
                 run.tasks.setdefault(task, {}).update(values)
         histories = version / "histories.json"
         if histories.is_file():
-            _merge_histories(run, _read_json(histories), histories, merged)
+            _merge_histories(run, read_json(histories), histories, merged)
     run.records = sorted(merged.values(), key=lambda r: (int(r["task"]), _float(r.get("step"))))
     _index_records(run)
     return run
@@ -403,8 +397,8 @@ def _study_cells(path: Path, spec: dict[str, Any]) -> list[CellResult]:
     cells = []
     for cell_id in ids:
         folder = path / "cells" / cell_id
-        info = {**by_id.get(cell_id, {}), **(_read_json(folder / "cell.json") or {})}
-        status = _read_json(folder / "status.json") or {}
+        info = {**by_id.get(cell_id, {}), **(read_json(folder / "cell.json") or {})}
+        status = read_json(folder / "status.json") or {}
         state = str(status.get("state") or "missing")
         cell = CellResult(
             id=cell_id, recipe=str(info.get("recipe", "?")),
@@ -457,7 +451,7 @@ def load_study(path: str | os.PathLike) -> Study:
                                 "study.json) or a folder of Lightning runs.")
     spec_file = path / "study.json"
     if spec_file.is_file():
-        spec = _read_json(spec_file)
+        spec = read_json(spec_file)
         if not isinstance(spec, dict):
             raise ValueError(f"collect: {spec_file} is not a JSON object; was it written by "
                              "`lightning-plasticity study`?")

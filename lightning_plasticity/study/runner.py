@@ -18,7 +18,6 @@ its process); ``executor="slurm"`` sends one ``submitit`` job per cell to SLURM,
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lightning_plasticity.core.json_file import read_json, write_json
 from lightning_plasticity.study.grid import Cell, StudySpec, expand_study
 
 __all__ = ["StudyResult", "cli_executable", "run_cell", "run_study"]
@@ -47,16 +47,7 @@ def cli_executable() -> list[str]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    write_json(path, data, indent=1, default=str)
 
 
 def _last_checkpoint(cell_dir: Path) -> Path | None:
@@ -109,8 +100,8 @@ def run_cell(cell: dict[str, Any], cell_dir: str, executable: list[str],
     if not _claim(folder):
         return {"state": "elsewhere", "returncode": None, "seconds": 0.0}
     try:
-        status = _read_json(folder / "status.json") or {}
-        recorded = _read_json(folder / "cell.json") or {}
+        status = read_json(folder / "status.json") or {}
+        recorded = read_json(folder / "cell.json") or {}
         if status.get("state") == "done" and recorded.get("command") == cell["command"]:
             return {**status, "skipped": True}
         return _run_claimed(cell, folder, executable, env, timeout)
@@ -174,8 +165,8 @@ def _prepare(cells: list[Cell], study_dir: Path) -> tuple[list[Cell], list[str]]
     todo, done = [], []
     for cell in cells:
         folder = study_dir / "cells" / cell.id
-        status = _read_json(folder / "status.json") or {}
-        recorded = _read_json(folder / "cell.json") or {}
+        status = read_json(folder / "status.json") or {}
+        recorded = read_json(folder / "cell.json") or {}
         if recorded and recorded.get("command") != cell.to_json()["command"]:
             stale = folder.with_name(f"{cell.id}.stale-{int(time.time())}")
             shutil.move(str(folder), str(stale))  # never delete results: keep them aside
