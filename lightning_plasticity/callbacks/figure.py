@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from lightning_plasticity.callbacks.run_folder import run_folder
 from lightning_plasticity.core.process_group import destroy_process_group_at_exit
 
 if TYPE_CHECKING:
@@ -64,9 +65,7 @@ class FigureCallback(Callback):
         self._write(trainer, self._folder(trainer), log_to_wandb=True)
 
     def _folder(self, trainer: pl.Trainer) -> Path:
-        # On every rank: trainer.log_dir broadcasts, so reading it on rank 0 alone would leave
-        # rank 0 waiting in a collective the other ranks never join.
-        return self.dirpath or Path(trainer.log_dir or trainer.default_root_dir)
+        return run_folder(trainer, self.dirpath)  # on every rank (see run_folder)
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, folder: Path, log_to_wandb: bool) -> None:
